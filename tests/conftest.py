@@ -29,6 +29,15 @@ values = [json.loads((run.work_dir / f"item{i}.json").read_text())["square"] for
 run.save_metrics({"total": sum(values), "epochs": epochs})
 '''
 
+TOY_FIGURE = '''
+import matplotlib.pyplot as plt
+fig, ax = plt.subplots(figsize=(4, 4))
+ax.add_patch(plt.Rectangle((0, 0), 1, 1, color=(1.0, 0.0, 0.0)))
+ax.set_axis_off()
+run.save_figure("red_square", fig)
+plt.show()
+'''
+
 
 def make_toy_notebook(path: Path) -> Path:
     """A chapter notebook with parameters, profiles and a resumable sweep over `items`."""
@@ -42,7 +51,8 @@ def make_toy_notebook(path: Path) -> Path:
                 nbformat.v4.new_code_cell('PROFILES = {"smoke": {}, "cpu": {"epochs": 2, "items": 4}}'),
                 nbformat.v4.new_code_cell(TOY_SWEEP),
                 nbformat.v4.new_code_cell("#| hide\nassert run.load_metrics()['total'] >= 0"),
-                nbformat.v4.new_code_cell("print('total', run.load_metrics()['total'])")]
+                nbformat.v4.new_code_cell("print('total', run.load_metrics()['total'])"),
+                nbformat.v4.new_code_cell(TOY_FIGURE)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
     return path

@@ -1,6 +1,11 @@
 """A tiny book build: one executed chapter rendered by Jupyter Book with no Sphinx warnings."""
 import json
 import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
 
 from conftest import REPO, pdl_cli
 
@@ -32,3 +37,22 @@ def test_committed_larger_run_is_preferred(toy_project):
     from pdl.book import committed_run
     assert committed_run("01_toy", "smoke", toy_project).profile == "cpu"
     assert committed_run("01_toy", "gpu", toy_project) is None
+
+
+def test_figures_are_visible_in_a_headless_browser(toy_project, tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium is not installed (make setup installs it)")
+    shutil.copy(REPO / "_config.yml", toy_project / "_config.yml")
+    (toy_project / "book").mkdir()
+    (toy_project / "book" / "intro.md").write_text("# Intro\n")
+    (toy_project / "_toc.yml").write_text("format: jb-book\nroot: book/intro\nchapters:\n  - file: book/chapters/01_toy\n")
+    assert pdl_cli("book", "--profile", "smoke", cwd=toy_project).returncode == 0
+    page = toy_project / "_build" / "html" / "book" / "chapters" / "01_toy.html"
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                    f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()], capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    red = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
+    assert red.sum() > 5000, "the red square figure is not visible on the rendered page"
