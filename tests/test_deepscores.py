@@ -1,0 +1,162 @@
+"""pdl.deepscores: generation offline, ground-truth invariants on every page, determinism, resume, crash
+tolerance, and a lossless round trip of the real DeepScoresV2 sample page."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pdl import deepscores as D
+from pdl.core import PdlError
+
+COLLECTIONS = ["bach", "essenFolksong"]      # small chorales (MusicXML) and multi-tune ABC files (via music21)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds") / "a"
+    report = D.generate(out, pages=3, seed=7, workers=2, pages_per_piece=1, collections=COLLECTIONS,
+                        test_fraction=0.3, show_progress=False)
+    return out, report
+
+
+def _check_page(ds: D.DeepScores, index: int) -> int:
+    """Every annotation of a page: its instance pixels lie in its a_bbox and o_bbox, number at most `area`,
+    carry its class colour; the o_bbox is no larger than the a_bbox."""
+    image = ds.images[index]
+    inst = ds.load_instances(index)
+    seg = ds.load_segmentation(index)
+    assert inst.shape == seg.shape == (image["height"], image["width"])
+    anns = ds.image_annotations(image)
+    by_instance = {}
+    for a in anns:
+        comments = D.parse_comments(a["comments"])
+        by_instance[int(comments["instance"][1:], 16)] = a
+        x0, y0, x1, y1 = a["a_bbox"]
+        box = np.array(a["o_bbox"]).reshape(4, 2)
+        area_o = 0.5 * abs(np.dot(box[:, 0], np.roll(box[:, 1], 1)) - np.dot(box[:, 1], np.roll(box[:, 0], 1)))
+        assert area_o <= (x1 - x0) * (y1 - y0) + 1e-3, a
+        assert a["area"] > 0 and a["cat_id"][0] in ds.categories
+    ys, xs = np.nonzero(inst)
+    ids = inst[ys, xs]
+    assert set(np.unique(ids)) <= set(by_instance), "instance ids without an annotation"
+    centres = np.stack([xs + 0.5, ys + 0.5], axis=1)
+    order = sorted(by_instance)
+    lut = {k: i for i, k in enumerate(order)}
+    idx = np.array([lut[i] for i in ids]) if len(ids) else np.zeros(0, int)
+    a_boxes = np.array([by_instance[k]["a_bbox"] for k in order])
+    o_boxes = np.array([by_instance[k]["o_bbox"] for k in order]).reshape(-1, 4, 2)
+    colours = np.array([ds.categories[by_instance[k]["cat_id"][0]]["color"] for k in order])
+    # inside the axis-aligned box
+    ab = a_boxes[idx]
+    assert ((centres[:, 0] >= ab[:, 0]) & (centres[:, 0] <= ab[:, 2]) &
+            (centres[:, 1] >= ab[:, 1]) & (centres[:, 1] <= ab[:, 3])).all()
+    # inside the oriented box: project onto its two edge directions
+    p0, p1, p3 = o_boxes[:, 0], o_boxes[:, 1], o_boxes[:, 3]
+    for edge in (p1 - p0, p3 - p0):
+        length = np.linalg.norm(edge, axis=1)
+        unit = edge / np.maximum(length, 1e-9)[:, None]
+        t = np.einsum("ij,ij->i", centres - p0[idx], unit[idx])
+        assert (t >= -1e-3).all() and (t <= length[idx] + 1e-3).all()
+    # pixel counts and class colours
+    counts = np.bincount(idx, minlength=len(order))
+    assert (counts <= np.array([by_instance[k]["area"] for k in order])).all()
+    assert (seg[ys, xs] == colours[idx]).all()
+    assert (seg[inst == 0] == 0).all()
+    return len(anns)
+
+
+def test_generated_pages_satisfy_ground_truth_invariants(dataset):
+    out, report = dataset
+    assert sum(report.pages.values()) == 3 and not report.failed
+    n = 0
+    for split in ("train", "test"):
+        ds = D.read_deepscores(out, split)
+        for i in range(len(ds.images)):
+            n += _check_page(ds, i)
+            assert ds.load_image(i).shape == (ds.images[i]["height"], ds.images[i]["width"])
+    assert n > 50
+    meta = json.loads((out / "pages.json").read_text())
+    assert {m["piece"]["collection"] for m in meta} <= set(COLLECTIONS)
+
+
+def test_same_seed_gives_byte_identical_json(dataset, tmp_path):
+    out, _ = dataset
+    D.generate(tmp_path / "b", pages=3, seed=7, workers=1, pages_per_piece=1, collections=COLLECTIONS,
+               test_fraction=0.3, show_progress=False)
+    for split in ("train", "test"):
+        assert (out / f"deepscores_{split}.json").read_bytes() == (tmp_path / "b" / f"deepscores_{split}.json").read_bytes()
+
+
+def test_interrupted_generation_resumes(dataset, tmp_path):
+    out, _ = dataset
+    copy = tmp_path / "c"
+    shutil.copytree(out, copy)
+    records = sorted((copy / "work" / "pieces").glob("*.json"))
+    lost = records[-1]                             # as if the run had stopped before this piece finished
+    lost.unlink()
+    for split in ("train", "test"):
+        (copy / f"deepscores_{split}.json").unlink()
+    report = D.generate(copy, pages=3, seed=7, workers=2, pages_per_piece=1, collections=COLLECTIONS,
+                        test_fraction=0.3, show_progress=False)
+    assert report.engraved == 1 and report.reused == len(records) - 1
+    for split in ("train", "test"):
+        assert (copy / f"deepscores_{split}.json").read_bytes() == (out / f"deepscores_{split}.json").read_bytes()
+    with pytest.raises(PdlError, match="other settings"):
+        D.generate(copy, pages=3, seed=8, workers=1, collections=COLLECTIONS, show_progress=False)
+
+
+def test_bad_and_crashing_inputs_are_skipped(tmp_path, monkeypatch, caplog):
+    corpus = tmp_path / "corpus"
+    (corpus / "mine").mkdir(parents=True)
+    (corpus / "mine" / "garbage.xml").write_text("<score-partwise><this is not music")
+    shutil.copy(D.corpus_root() / "bach" / "bwv66.6.mxl", corpus / "mine" / "good.mxl")
+    shutil.copy(D.corpus_root() / "bach" / "bwv66.6.mxl", corpus / "mine" / "segfault.mxl")
+    pieces = [D.Piece("mine", "mine/garbage.xml"), D.Piece("mine", "mine/good.mxl"), D.Piece("mine", "mine/segfault.mxl")]
+    real = D.engrave_piece
+
+    def crashing(task, out, root):                # verovio can die of a signal: simulate it in the worker
+        if "segfault" in task.piece.path:
+            os.kill(os.getpid(), 11)
+        return real(task, out, root)
+
+    monkeypatch.setattr(D, "engrave_piece", crashing)
+    report = D.generate(tmp_path / "out", pages=3, seed=0, workers=2, pages_per_piece=1, pieces=pieces,
+                        corpus=corpus, test_fraction=0.0, show_progress=False)
+    reasons = dict(report.failed)
+    assert sum(report.pages.values()) == 1
+    assert "verovio" in reasons["mine/garbage.xml"]
+    assert "crashed (signal 11)" in reasons["mine/segfault.mxl"]
+    err = caplog.text
+    assert "skipped piece mine/garbage.xml" in err and "skipped piece mine/segfault.mxl" in err
+
+
+def test_real_sample_round_trips(tmp_path):
+    try:
+        sample = D.reference_sample()
+    except PdlError:
+        pytest.skip("real DeepScoresV2 sample page not available")
+    ds = D.read_deepscores(sample)
+    assert len(ds.images) == 1 and len(ds.annotations) == 547 and len(ds.categories) == 208
+    written = D.write_deepscores_json(tmp_path / "copy.json", ds)
+    assert written.read_bytes() == (sample / "deepscores_v2_sample.json").read_bytes()
+    again = D.read_deepscores(written)
+    assert again.data == ds.data
+    image, seg = ds.load_image(0), ds.load_segmentation(0)
+    assert image.shape == seg.shape == (3828, 2707)
+    # our category table is the sample's
+    assert D.categories_json() == ds.categories
+
+
+def test_patches_and_cli(dataset, capsys):
+    out, _ = dataset
+    patches, names = D.extract_patches(D.read_deepscores(out, "train"), max_per_class=5)
+    assert patches.dtype == np.uint8 and patches.shape[1:] == D.PATCH_SIZE and len(names) == len(patches) > 0
+    assert D.cli_main(["info", str(out), "--split", "train"]) == 0
+    assert "annotations" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        D.cli_main(["generate", "--out", str(out), "--fonts", "Nope"])
+    assert D.cli_main(["info", str(out / "nowhere")]) == 2
