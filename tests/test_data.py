@@ -128,8 +128,8 @@ def test_second_load_reads_the_cache(tmp_path, monkeypatch):
     first = data.load("digits", "train")
     assert first.info["cache"]["hit"] is False
     cache_file = Path(first.info["cache"]["file"])
-    assert cache_file.parent == tmp_path and cache_file.exists()
-    assert [p.name for p in tmp_path.iterdir()] == [cache_file.name]  # written atomically, no temp file left
+    assert cache_file.parent == tmp_path / "data" and cache_file.exists()
+    assert [p.name for p in cache_file.parent.iterdir()] == [cache_file.name]  # written atomically, no temp file
     mtime = cache_file.stat().st_mtime_ns
     second = data.load("digits", "train")
     assert second.info["cache"]["hit"] is True and cache_file.stat().st_mtime_ns == mtime
