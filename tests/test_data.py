@@ -239,10 +239,10 @@ def test_registered_loader_missing_module(monkeypatch):
 TOY_LOADER = '''
 import numpy as np
 
-def load(split, size=6, shade=100):
+def load(split, size=6, shade=100, seed=0):
     n = 4 if split == "train" else 2
     images = np.full((n, size, size, 3), shade, np.uint8)
-    return {"images": images, "labels": np.arange(n) % 2, "classes": ["even", "odd"], "info": {"toy": True}}
+    return {"images": images, "labels": np.arange(n) % 2, "classes": ["even", "odd"], "info": {"seed": seed}}
 
 def load_bad(split):
     return {"images": np.zeros((2, 4, 4), np.float32), "labels": [0, 1], "classes": ["a", "b"], "info": {}}
@@ -254,10 +254,11 @@ def test_register_external_loader(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(data, "_REGISTRY", dict(data._REGISTRY))
     data.register("toy", "pdl_toy_loader:load", "a toy loader", "tests")
-    assert "toy" in data.available() and data.info("toy")["options"] == {"size": 6, "shade": 100}
-    toy = data.load("toy", "train", size=9, shade=7)
-    assert toy.images.shape == (4, 3, 9, 9) and int(toy.images.max()) == 7 and toy.info["toy"] is True
-    assert toy.info["name"] == "toy" and toy.info["domain"] == "tests" and toy.info["options"] == {"shade": 7, "size": 9}
+    assert "toy" in data.available() and data.info("toy")["options"] == {"size": 6, "shade": 100, "seed": 0}
+    toy = data.load("toy", "train", size=9, shade=7, seed=3)  # the loader renders at size 9 and gets the seed
+    assert toy.images.shape == (4, 3, 9, 9) and int(toy.images.max()) == 7 and toy.info["seed"] == 3
+    assert toy.info["name"] == "toy" and toy.info["domain"] == "tests"
+    assert toy.info["options"] == {"seed": 3, "shade": 7, "size": 9}
     assert len(data.load("toy", "all")) == 6
     data.register("toy_bad", "pdl_toy_loader:load_bad", "returns floats", "tests")
     with pytest.raises(PdlError, match="returned images float32"):
