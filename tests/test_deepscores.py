@@ -91,6 +91,22 @@ def test_same_seed_gives_byte_identical_json(dataset, tmp_path):
         assert (out / f"deepscores_{split}.json").read_bytes() == (tmp_path / "b" / f"deepscores_{split}.json").read_bytes()
 
 
+def test_piece_split_is_disjoint_and_never_empty():
+    def fake(pieces):                 # pages named like generate() names them, two pages per piece
+        names = [f"{i:06d}-piece{i}-leipzig-page-{n}.png" for i in range(pieces) for n in (1, 2)]
+        return D.DeepScores(Path("."), dict(images=[dict(filename=f) for f in names], annotations={}, categories={}))
+    for pieces in (2, 3, 5, 12):
+        for seed in range(20):
+            ds = fake(pieces)
+            split = D.split_pieces(ds, 0.2, seed)
+            assert split["test"] and split["train"]
+            piece = lambda i: ds.images[i]["filename"].rsplit("-page-", 1)[0]
+            assert not {piece(i) for i in split["test"]} & {piece(i) for i in split["train"]}
+            assert sorted(split["test"] + split["train"]) == list(range(2 * pieces))
+    with pytest.raises(PdlError, match="cannot split"):
+        D.split_pieces(fake(1), 0.2, 0)
+
+
 def test_interrupted_generation_resumes(dataset, tmp_path):
     out, _ = dataset
     copy = tmp_path / "c"
@@ -135,10 +151,7 @@ def test_bad_and_crashing_inputs_are_skipped(tmp_path, monkeypatch, caplog):
 
 
 def test_real_sample_round_trips(tmp_path):
-    try:
-        sample = D.reference_sample()
-    except PdlError:
-        pytest.skip("real DeepScoresV2 sample page not available")
+    sample = D.reference_sample()
     ds = D.read_deepscores(sample)
     assert len(ds.images) == 1 and len(ds.annotations) == 547 and len(ds.categories) == 208
     written = D.write_deepscores_json(tmp_path / "copy.json", ds)
@@ -151,10 +164,23 @@ def test_real_sample_round_trips(tmp_path):
     assert D.categories_json() == ds.categories
 
 
+def test_reference_sample_lookup_order(tmp_path, monkeypatch):
+    vendored = D.reference_sample()
+    assert vendored.parts[-3:] == ("data", "reference", "deepscores_v2_sample")   # the copy in the project wins
+    monkeypatch.setenv("PDL_ROOT", str(tmp_path / "project"))                    # a project without the copy
+    monkeypatch.setenv("PDL_DEEPSCORES_SAMPLE", str(vendored.parent))             # the folder above also works
+    assert D.reference_sample() == vendored
+    monkeypatch.setenv("PDL_DEEPSCORES_SAMPLE", str(tmp_path / "nowhere"))
+    with pytest.raises(PdlError, match="PDL_DEEPSCORES_SAMPLE") as err:
+        D.reference_sample()
+    assert "data/reference/deepscores_v2_sample" in str(err.value)
+
+
 def test_patches_and_cli(dataset, capsys):
     out, _ = dataset
-    patches, names = D.extract_patches(D.read_deepscores(out, "train"), max_per_class=5)
-    assert patches.dtype == np.uint8 and patches.shape[1:] == D.PATCH_SIZE and len(names) == len(patches) > 0
+    patches, names, sources = D.extract_patches(D.read_deepscores(out, "train"), max_per_class=5)
+    assert patches.dtype == np.uint8 and patches.shape[1:] == D.PATCH_SIZE == (45, 170)
+    assert len(names) == len(sources) == len(patches) > 0
     assert D.cli_main(["info", str(out), "--split", "train"]) == 0
     assert "annotations" in capsys.readouterr().out
     with pytest.raises(SystemExit):

@@ -1,0 +1,181 @@
+"""Chapter 7: AnyNetX design space and the architecture-performance (APR) population runner."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+
+import pdl.apr as apr
+from pdl.anynet import (AnyNetConfig, ComplexityBand, SampledArchitecture, analytic_macs, band_for, count_complexity,
+                        sample_population)
+from pdl.core import PdlError
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch):
+    monkeypatch.setenv("PDL_PROGRESS", "0")
+    torch.set_num_threads(1)
+
+
+# --- design space -----------------------------------------------------------------------------------------------
+
+def test_sampler_is_deterministic_and_respects_the_band():
+    first, stats_ = sample_population(5, seed=11, input_size=32, scale=0.5)
+    again, _ = sample_population(5, seed=11, input_size=32, scale=0.5)
+    other, _ = sample_population(5, seed=12, input_size=32, scale=0.5)
+    assert [a.config for a in first] == [a.config for a in again]
+    assert [a.config for a in first] != [a.config for a in other]
+    band = band_for(32, 0.5)
+    assert all(band.low <= a.macs <= band.high for a in first)
+    assert stats_["candidates"] > stats_["accepted"] == 5          # candidates outside the band were rejected
+    assert len({a.config.key for a in first}) == 5
+
+
+def test_band_scales_with_resolution():
+    assert band_for(224).low == 360e6 and band_for(224).high == 400e6
+    assert band_for(32).high == pytest.approx(400e6 / 49)
+    assert band_for(32, scale=0.1).low == pytest.approx(360e6 / 49 * 0.1)
+
+
+def test_config_round_trip_and_validation():
+    config = AnyNetConfig(depths=(1, 3, 2, 1), widths=(16, 48, 96, 128), bottleneck_ratios=(1, 2, 4, 1),
+                          group_widths=(8, 6, 24, 16))
+    assert AnyNetConfig.from_json(config.to_json()) == config
+    assert AnyNetConfig.from_dict(json.loads(json.dumps(config.to_dict()))).key == config.key
+    arch = SampledArchitecture("a000", config, 1, 2, 3, 32)
+    assert SampledArchitecture.from_dict(json.loads(json.dumps(arch.to_dict()))) == arch
+    with pytest.raises(PdlError, match="divisible"):
+        AnyNetConfig((1,), (24,), (2,), (8,), strides=(1,))
+    with pytest.raises(PdlError, match="same non-zero number of stages"):
+        AnyNetConfig((1, 1), (8,), (1,), (1,))
+
+
+def test_flop_counter_matches_a_hand_count():
+    conv = nn.Conv2d(4, 6, kernel_size=3, padding=1, groups=2, bias=False)
+    # 7 x 7 outputs x 6 channels, each 3 x 3 x (4 / 2) multiply-accumulates
+    assert count_complexity(conv, 7).macs == 7 * 7 * 6 * 3 * 3 * 2
+    assert count_complexity(conv, 7).flops == 2 * 7 * 7 * 6 * 3 * 3 * 2
+    config = AnyNetConfig((2, 1, 1, 2), (16, 32, 48, 64), (1, 2, 1, 4), (4, 8, 16, 16))
+    assert count_complexity(config.build(5), 32).macs == analytic_macs(config, 32, num_classes=5)
+
+
+def test_impossible_band_is_a_clear_error():
+    with pytest.raises(PdlError, match="outside what AnyNetX can reach"):
+        sample_population(2, input_size=32, band=ComplexityBand(1e12, 2e12, 32))
+    with pytest.raises(PdlError, match="fell into"):
+        sample_population(3, input_size=32, scale=1.0, max_tries=5)
+    with pytest.raises(PdlError):
+        band_for(32, scale=-1)
+
+
+# --- the runner -------------------------------------------------------------------------------------------------
+
+def _tiny_tasks():
+    population, _ = sample_population(3, seed=0, input_size=16, scale=0.5)
+    recipe = apr.Recipe(epochs=1, max_steps_per_epoch=1, batch_size=8, input_size=16, train_per_class=3,
+                        test_per_class=2, train_eval_images=0)
+    datasets = [dict(spec="digits", label="digits", role="reference"), dict(spec="digits:c=2", label="digits-2", role="family")]
+    return apr.make_tasks(population, datasets, recipe)
+
+
+def test_runner_resumes_without_recomputing_or_duplicating(tmp_path, monkeypatch):
+    tasks = _tiny_tasks()
+    calls = []
+    real_train_pair = apr.train_pair
+
+    def counting(task, device=None):
+        calls.append(task.key)
+        if len(calls) == 4 and not hasattr(counting, "interrupted"):
+            counting.interrupted = True
+            raise KeyboardInterrupt     # killed while training the 4th pair
+        return real_train_pair(task, device)
+
+    monkeypatch.setattr(apr, "train_pair", counting)
+    first = apr.run_pairs(tasks, tmp_path, limit=2)
+    assert (first.trained, first.remaining) == (2, len(tasks) - 2)
+    (tmp_path / "pairs" / "digits" / ".half-written.json.tmp").write_text("{")   # debris of a killed write
+    with pytest.raises(KeyboardInterrupt):
+        apr.run_pairs(tasks, tmp_path)
+    assert len(calls) == 4 and len(apr.gather_results(tasks, tmp_path)) == 3
+    calls.clear()
+    second = apr.run_pairs(tasks, tmp_path)
+    assert second.done_before == 3 and second.trained == len(tasks) - 3 == len(calls)
+    calls.clear()
+    third = apr.run_pairs(tasks, tmp_path)
+    assert third.trained == 0 and calls == []
+    table = apr.gather_results(tasks, tmp_path)
+    assert len(table) == len(tasks) and not table.duplicated(["arch", "dataset", "repeat"]).any()
+    assert not list(tmp_path.glob("pairs/*/.*.tmp"))
+    assert set(table.num_classes) == {10, 2} and table.top1_err.between(0, 1).all()
+    assert table.loc[table.num_classes == 2, "top5_err"].isna().all()
+
+
+def test_changed_recipe_is_not_served_from_old_results(tmp_path):
+    tasks = _tiny_tasks()[:1]
+    apr.run_pairs(tasks, tmp_path)
+    changed = [apr.PairTask(t.arch, t.dataset, apr.Recipe(**{**t.recipe.to_dict(), "lr": 0.01}), t.epochs) for t in tasks]
+    assert apr.read_result(changed[0], tmp_path) is None
+    assert apr.run_pairs(changed, tmp_path).trained == 1
+
+
+# --- analysis ---------------------------------------------------------------------------------------------------
+
+def _synthetic_results(n=30, seed=0):
+    rng = np.random.default_rng(seed)
+    skill = rng.normal(size=n)
+    spec = {"fonts": ("reference", 140), "fonts-10": ("family", 10), "fonts-2": ("family", 2),
+            "fonts-size10": ("control", 140), "mnist": ("target", 10), "dogs": ("target", 2)}
+    rows = []
+    for label, (role, classes) in spec.items():
+        errors = 0.5 + 0.1 * (skill * rng.uniform(-1, 1) + rng.normal(size=n))
+        for i in range(n):
+            rows.append(dict(arch=f"a{i:03d}", label=label, dataset=label, role=role, num_classes=classes, n_train=100,
+                             n_test=50, epochs=1, repeat=0, status="ok", top1_err=errors[i],
+                             top5_err=errors[i] / 2 if classes >= 10 else None))
+    return pd.DataFrame(rows)
+
+
+def test_reported_rho_equals_scipy_on_the_saved_table(tmp_path):
+    _synthetic_results().to_csv(tmp_path / "results.csv", index=False)
+    saved = pd.read_csv(tmp_path / "results.csv")
+    matrix = apr.error_matrix(saved)
+    table = apr.rho_table(matrix, apr.dataset_table(saved), n_boot=200)
+    wide = saved.pivot(index="arch", columns="label", values="top1_err")
+    for row in table[table.dataset != "mean"].itertuples():
+        assert row.rho_ref == pytest.approx(stats.spearmanr(wide[row.dataset], wide["fonts"]).statistic)
+        assert row.rho_matched == pytest.approx(stats.spearmanr(wide[row.dataset], wide[row.matched]).statistic)
+        assert row.rho_ref_low <= row.rho_ref <= row.rho_ref_high
+    assert dict(zip(table.dataset[:2], table.matched[:2])) == {"mnist": "fonts-10", "dogs": "fonts-2"}
+    mean = table[table.dataset == "mean"].iloc[0]
+    assert mean.rho_ref == pytest.approx(table[table.dataset != "mean"].rho_ref.mean())
+    rhos = apr.rho_matrix(matrix)
+    assert rhos.loc["mnist", "dogs"] == pytest.approx(stats.spearmanr(wide["mnist"], wide["dogs"]).statistic)
+
+
+def test_bootstrap_matches_spearman_on_the_identity_resample():
+    matrix = _synthetic_results().pivot(index="arch", columns="label", values="top1_err")
+    boot = apr.bootstrap_rhos(matrix, [("mnist", "fonts")], n_boot=500, seed=1)
+    point = stats.spearmanr(matrix["mnist"], matrix["fonts"]).statistic
+    assert boot.shape == (500, 1) and np.nanmin(boot) <= point <= np.nanmax(boot)
+
+
+# --- bad input --------------------------------------------------------------------------------------------------
+
+def test_unknown_dataset_and_bad_specs_are_clear_errors():
+    with pytest.raises(PdlError, match="unknown dataset.*available"):
+        apr.check_datasets(["mnist", "imagenet"])
+    with pytest.raises(PdlError, match="bad token"):
+        apr.DatasetSpec.parse("fonts:c=ten")
+    with pytest.raises(PdlError, match="cannot be combined"):
+        apr.DatasetSpec.parse("fonts:size=10:c=5")
+    with pytest.raises(PdlError, match="invalid Recipe"):
+        apr.Recipe(epochs=0)
+    with pytest.raises(PdlError, match="unknown backend"):
+        apr.run_pairs([], "/tmp", backend="mpi")
+    with pytest.raises(PdlError, match="unknown metric"):
+        apr.error_matrix(_synthetic_results(), metric="top3")
+    with pytest.raises(PdlError, match="epochs_by_dataset"):
+        apr.make_tasks([], [dict(spec="mnist", label="mnist", role="target")], apr.Recipe(), epochs_by_dataset={"cifar": 3})
