@@ -165,7 +165,7 @@ def test_bootstrap_matches_spearman_on_the_identity_resample():
 # --- bad input --------------------------------------------------------------------------------------------------
 
 def test_unknown_dataset_and_bad_specs_are_clear_errors():
-    with pytest.raises(PdlError, match="unknown dataset.*available"):
+    with pytest.raises(PdlError, match="(?s)unknown dataset.*available"):
         apr.check_datasets(["mnist", "imagenet"])
     with pytest.raises(PdlError, match="bad token"):
         apr.DatasetSpec.parse("fonts:c=ten")
