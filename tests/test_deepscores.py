@@ -3,6 +3,8 @@ tolerance, and a lossless round trip of the real DeepScoresV2 sample page."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -125,29 +127,39 @@ def test_interrupted_generation_resumes(dataset, tmp_path):
         D.generate(copy, pages=3, seed=8, workers=1, collections=COLLECTIONS, show_progress=False)
 
 
-def test_bad_and_crashing_inputs_are_skipped(tmp_path, monkeypatch, caplog):
-    corpus = tmp_path / "corpus"
-    (corpus / "mine").mkdir(parents=True)
-    (corpus / "mine" / "garbage.xml").write_text("<score-partwise><this is not music")
-    shutil.copy(D.corpus_root() / "bach" / "bwv66.6.mxl", corpus / "mine" / "good.mxl")
-    shutil.copy(D.corpus_root() / "bach" / "bwv66.6.mxl", corpus / "mine" / "segfault.mxl")
-    pieces = [D.Piece("mine", "mine/garbage.xml"), D.Piece("mine", "mine/good.mxl"), D.Piece("mine", "mine/segfault.mxl")]
-    real = D.engrave_piece
+CRASH_SCENARIO = """
+import json, multiprocessing, os, shutil, sys
+from pathlib import Path
+from pdl import deepscores as D
+corpus, out = Path(sys.argv[1]), Path(sys.argv[2])
+(corpus / "mine").mkdir(parents=True)
+(corpus / "mine" / "garbage.xml").write_text("<score-partwise><this is not music")
+shutil.copy(D.corpus_root() / "bach" / "bwv66.6.mxl", corpus / "mine" / "good.mxl")
+shutil.copy(D.corpus_root() / "bach" / "bwv66.6.mxl", corpus / "mine" / "segfault.mxl")
+pieces = [D.Piece("mine", "mine/garbage.xml"), D.Piece("mine", "mine/good.mxl"), D.Piece("mine", "mine/segfault.mxl")]
+real = D.engrave_piece
+def crashing(task, out, root):  # verovio can die of a signal: simulate it in the worker
+    if "segfault" in task.piece.path:
+        os.kill(os.getpid(), 11)
+    return real(task, out, root)
+D.engrave_piece = crashing
+D.worker_context = lambda: multiprocessing.get_context("fork")  # so the patched function reaches the workers
+report = D.generate(out, pages=3, seed=0, workers=2, pages_per_piece=1, pieces=pieces, corpus=corpus,
+                    test_fraction=0.0, show_progress=False)
+print(json.dumps(dict(pages=report.pages, failed=dict(report.failed))))
+"""
 
-    def crashing(task, out, root):                # verovio can die of a signal: simulate it in the worker
-        if "segfault" in task.piece.path:
-            os.kill(os.getpid(), 11)
-        return real(task, out, root)
 
-    monkeypatch.setattr(D, "engrave_piece", crashing)
-    report = D.generate(tmp_path / "out", pages=3, seed=0, workers=2, pages_per_piece=1, pieces=pieces,
-                        corpus=corpus, test_fraction=0.0, show_progress=False)
-    reasons = dict(report.failed)
-    assert sum(report.pages.values()) == 1
-    assert "verovio" in reasons["mine/garbage.xml"]
-    assert "crashed (signal 11)" in reasons["mine/segfault.mxl"]
-    err = caplog.text
-    assert "skipped piece mine/garbage.xml" in err and "skipped piece mine/segfault.mxl" in err
+def test_bad_and_crashing_inputs_are_skipped(tmp_path):
+    # a clean interpreter: forking this test process (which may run threads by now) could deadlock
+    result = subprocess.run([sys.executable, "-c", CRASH_SCENARIO, str(tmp_path / "corpus"), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "PDL_PROGRESS": "0"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sum(report["pages"].values()) == 1
+    assert "verovio" in report["failed"]["mine/garbage.xml"]
+    assert "crashed (signal 11)" in report["failed"]["mine/segfault.mxl"]
+    assert "skipped piece mine/garbage.xml" in result.stderr and "skipped piece mine/segfault.mxl" in result.stderr
 
 
 def test_real_sample_round_trips(tmp_path):
