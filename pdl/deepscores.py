@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -147,12 +148,13 @@ def categories_json() -> dict[str, dict]:
     return {c.cat_id: {"name": c.name, "annotation_set": c.annotation_set, "color": c.color} for c in CATEGORIES}
 
 # %% auto #0
-__all__ = ['log', 'PATCH_SIZE', 'NOT_PRODUCED', 'SAMPLE_JSON', 'DeepScores', 'parse_comments', 'read_deepscores',
-           'dumps_deepscores', 'write_deepscores_json', 'categories_json', 'Piece', 'corpus_root', 'corpus_pieces',
-           'interleave', 'load_piece', 'page_size', 'instance_png', 'write_page', 'EngraveTask', 'engrave_page',
-           'engrave_piece', 'GenerationReport', 'worker_context', 'plan_tasks', 'generate', 'extract_patches',
-           'split_pieces', 'load_patches', 'cli_main', 'bench_main', 'symbols_per_page', 'background_ratios',
-           'class_coverage', 'reference_sample']
+__all__ = ['log', 'SCAN_PAGES', 'RARE_FEATURES', 'ORDERS', 'PATCH_SIZE', 'NOT_PRODUCED', 'SAMPLE_JSON', 'DeepScores',
+           'parse_comments', 'read_deepscores', 'dumps_deepscores', 'write_deepscores_json', 'categories_json', 'Piece',
+           'corpus_root', 'corpus_pieces', 'interleave', 'load_piece', 'page_size', 'instance_png', 'write_page',
+           'EngraveTask', 'engrave_page', 'engrave_piece', 'corpus_features', 'rare_first', 'GenerationReport',
+           'worker_context', 'plan_tasks', 'generate', 'extract_patches', 'split_pieces', 'load_patches', 'cli_main',
+           'bench_main', 'why_not_produced', 'symbols_per_page', 'background_ratios', 'class_coverage',
+           'reference_sample']
 
 # %% ../notebooks/03_deepscores.ipynb #e3f76cc9
 _SUFFIXES = (".mxl", ".xml", ".musicxml", ".krn", ".abc")
@@ -230,6 +232,27 @@ def _meter_unit(mei: str) -> float:
     return float(m.group(1)) if m else 4.0
 
 
+def _utf16_musicxml(path: Path) -> str | None:
+    """The score of a UTF-16 MusicXML file (plain, or the root file of an `.mxl` archive) as text declared UTF-8,
+    which verovio can read (it rejects UTF-16 files, e.g. the corpus' Monteverdi madrigals); None for other files."""
+    try:
+        if path.suffix == ".mxl":
+            with zipfile.ZipFile(path) as z:
+                container = z.read("META-INF/container.xml").decode("utf-8", "ignore")
+                m = re.search(r'full-path="([^"]+)"', container)
+                raw = z.read(m.group(1)) if m else b""
+        elif path.suffix in (".xml", ".musicxml"):
+            raw = path.read_bytes()
+        else:
+            return None
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return None
+    if not raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return None
+    text = raw.decode("utf-16")
+    return re.sub(r"""encoding=(["'])UTF-16\1""", 'encoding="UTF-8"', text, count=1, flags=re.I)
+
+
 def load_piece(toolkit, piece: Piece, root: Path) -> None:
     """Load a piece into a verovio toolkit (multi-tune ABC through music21). Raises PdlError if it cannot."""
     path = root / piece.path
@@ -247,6 +270,8 @@ def load_piece(toolkit, piece: Piece, root: Path) -> None:
         ok = toolkit.loadData(GeneralObjectExporter(score).parse().decode("utf-8"))
     else:
         ok = toolkit.loadFile(str(path))
+        if not ok and (text := _utf16_musicxml(path)) is not None:
+            ok = toolkit.loadData(text)
     if not ok or toolkit.getPageCount() < 1:
         raise PdlError(f"verovio cannot engrave {piece.path}" + (f" (tune {piece.tune})" if piece.tune else ""))
 
@@ -284,17 +309,22 @@ def write_page(out: Path, name: str, page: PageRaster) -> None:
 @dataclasses.dataclass(frozen=True)
 class EngraveTask:
     """One unit of work: engrave `piece` in `font` with staff space `unit` (verovio units, 9 = default) and keep
-    at most `max_pages` pages at `dpi`; files are named `<name>-page-<n>`."""
+    at most `max_pages` pages at `dpi`; files are named `<name>-page-<n>`. With `want` (class names), the pages kept
+    are those of the first `SCAN_PAGES` that hold one of these classes (the first pages if none does)."""
     index: int
     piece: Piece
     font: str
     unit: float
     max_pages: int
     dpi: float
+    want: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         return f"{self.index:06d}-{self.piece.key}-{self.font.lower()}"
+
+
+SCAN_PAGES = 12
 
 
 def _toolkit(font: str, unit: float):
@@ -342,8 +372,14 @@ def engrave_piece(task: EngraveTask, out: Path, root: Path) -> dict:
     width, height = page_size(task.dpi)
     parser = VerovioPageParser(GlyphCache())
     pages = []
+    numbers = range(1, min(tk.getPageCount(), task.max_pages) + 1)
+    if task.want:
+        wanted = set(task.want)
+        holding = [n for n in range(1, min(tk.getPageCount(), SCAN_PAGES) + 1)
+                   if any(s.cls in wanted for s in _render(tk, n, parser, width, height, timemap, meter_unit)[1])]
+        numbers = holding[:task.max_pages] or numbers
     t_layout = time.process_time() - t0
-    for number in range(1, min(tk.getPageCount(), task.max_pages) + 1):
+    for number in numbers:
         t1 = time.process_time()
         root_el, symbols = _render(tk, number, parser, width, height, timemap, meter_unit)
         t2 = time.process_time()
@@ -367,6 +403,87 @@ def engrave_piece(task: EngraveTask, out: Path, root: Path) -> dict:
         page["cpu_seconds"] = dict(layout=t_layout / len(pages), **page["cpu_seconds"])
     return dict(status="ok", piece=dataclasses.asdict(task.piece), font=task.font, unit=task.unit,
                 page_count=tk.getPageCount(), pages=pages)
+
+# %% ../notebooks/03_deepscores.ipynb #33624c7f
+RARE_FEATURES: dict[str, tuple[str, tuple[str, ...]]] = {   # name -> (MusicXML pattern, classes it leads to)
+    "fingering": (r"<fingering\b", tuple(f"fingering{d}" for d in range(6))),
+    "slashed eighth grace note": (r"<grace\b[^>]*slash=\"yes\"[^>]*/>(?:(?!</note>).)*<type>eighth<",
+                                  ("graceNoteAcciaccaturaStemUp", "graceNoteAcciaccaturaStemDown")),
+    "eighth grace note": (r"<grace\b(?![^>]*slash=\"yes\")[^>]*/>(?:(?!</note>).)*<type>eighth<",
+                          ("graceNoteAppoggiaturaStemUp", "graceNoteAppoggiaturaStemDown")),
+    "mordent": (r"<(?:inverted-)?mordent\b", ("ornamentMordent",)),
+    "inverted turn": (r"<inverted-turn\b", ("ornamentTurnInverted",)),
+    "tremolo": (r"<tremolo\b", ("tremolo1", "tremolo2", "tremolo3", "tremolo4", "tremolo5")),
+    "marcato": (r"<strong-accent\b", ("articMarcatoAbove", "articMarcatoBelow")),
+    "staccatissimo": (r"<staccatissimo\b", ("articStaccatissimoAbove", "articStaccatissimoBelow")),
+    "caesura": (r"<caesura\b", ("caesura",)),
+    "segno": (r"<segno\b", ("segno",)),
+    "coda": (r"<coda\b", ("coda",)),
+    "double flat": (r"<accidental[^>]*>flat-flat<", ("accidentalDoubleFlat",)),
+    "64th and 128th notes": (r"<type>(?:64th|128th)<", ("flag64thUp", "flag64thDown", "rest64th", "flag128thUp",
+                                                        "flag128thDown", "rest128th")),
+    "tuplet of 7 to 9": (r"<actual-notes>[789]<", ("tuplet7", "tuplet8", "tuplet9")),
+    "tuplet bracket": (r"<tuplet\b[^>]*bracket=\"yes\"", ("tupletBracket",)),
+    "octave clef": (r"<clef-octave-change>", ("clef8", "clef15")),
+    "cue notes": (r"<cue\s*/>", ("noteheadHalfOnLineSmall", "noteheadHalfInSpaceSmall", "noteheadWholeOnLineSmall",
+                                 "noteheadWholeInSpaceSmall", "noteheadDoubleWholeOnLineSmall",
+                                 "noteheadDoubleWholeInSpaceSmall", "flag8thDownSmall")),
+    "octave shift": (r"<octave-shift\b", ("ottavaBracket",)),
+    "multi-measure rest": (r"<multiple-rest\b", ("restHBar", "restHNr")),
+    "pedal": (r"<pedal\b", ("keyboardPedalPed", "keyboardPedalUp")),
+    "time signature with a 0": (r"<(?:beats|beat-type)>\d*0<", ("timeSig0",)),
+}
+
+
+def _musicxml_text(path: Path) -> str:
+    if path.suffix == ".mxl":
+        with zipfile.ZipFile(path) as z:
+            return "".join(z.read(n).decode("utf-8", "ignore") for n in z.namelist()
+                           if n.endswith((".xml", ".musicxml")) and not n.startswith("META-INF"))
+    return path.read_text(errors="ignore")
+
+
+def corpus_features(root: Path | None = None) -> dict[str, list[str]]:
+    """For each of `RARE_FEATURES`, the corpus MusicXML files (paths relative to the corpus root, sorted) that
+    contain it. Cached per corpus folder and music21 version in the cache directory; unreadable files are skipped."""
+    root = root or corpus_root()
+    import music21
+    key = hashlib.sha1(f"{root}:{music21.__version__}:{sorted(RARE_FEATURES.items())}".encode()).hexdigest()[:12]
+    cache = cache_dir("deepscores") / f"corpus-features-{key}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    patterns = {name: re.compile(pattern, re.S) for name, (pattern, _) in RARE_FEATURES.items()}
+    found: dict[str, list[str]] = {name: [] for name in RARE_FEATURES}
+    for path in sorted(root.rglob("*")):
+        if path.suffix not in (".mxl", ".xml", ".musicxml") or not path.is_file():
+            continue
+        try:
+            text = _musicxml_text(path)
+        except (OSError, ValueError, zipfile.BadZipFile) as err:   # a corrupt archive is skipped like an unengravable piece
+            log.warning("corpus scan: cannot read %s: %s", path, err)
+            continue
+        for name, pattern in patterns.items():
+            if pattern.search(text):
+                found[name].append(path.relative_to(root).as_posix())
+    atomic_write_text(cache, json.dumps(found, indent=1))
+    return found
+
+
+def rare_first(pieces: list[Piece], seed: int, per_feature: int = 3,
+               root: Path | None = None) -> list[tuple[Piece, tuple[str, ...]]]:
+    """`pieces` reordered for coverage of rare classes, each with the rare classes wanted from it: first up to
+    `per_feature` seeded picks among the pieces with each rare feature (each piece once, wanting the classes of all
+    its picked features), then the rest interleaved across collections (`interleave`), wanting nothing."""
+    features = corpus_features(root)
+    by_path = {p.path: p for p in pieces if p.tune is None}
+    rng = random.Random(f"{seed}:rare")
+    first: dict[str, list[str]] = {}
+    for name, (_, classes) in RARE_FEATURES.items():
+        having = sorted(path for path in features.get(name, []) if path in by_path)
+        for path in rng.sample(having, min(per_feature, len(having))):
+            first.setdefault(path, []).extend(classes)
+    return ([(by_path[path], tuple(classes)) for path, classes in first.items()]
+            + [(p, ()) for p in interleave(pieces, seed) if p.tune is not None or p.path not in first])
 
 # %% ../notebooks/03_deepscores.ipynb #41715d8d
 @dataclasses.dataclass
@@ -435,22 +552,34 @@ def _split_of(seed: int, piece: Piece, test_fraction: float) -> str:
     return "test" if h / 0xFFFFFFFF < test_fraction else "train"
 
 
-def plan_tasks(pieces: list[Piece], fonts: list[str], seed: int, pages_per_piece: int, dpi: float) -> list[EngraveTask]:
-    """The deterministic work plan (see above)."""
-    return [EngraveTask(i, p, fonts[i % len(fonts)], _unit_for(seed, i), pages_per_piece, dpi)
-            for i, p in enumerate(interleave(pieces, seed))]
+ORDERS = ("interleave", "rare_first", "given")
+
+
+def plan_tasks(pieces: list[Piece], fonts: list[str], seed: int, pages_per_piece: int, dpi: float,
+               order: str = "interleave", root: Path | None = None) -> list[EngraveTask]:
+    """The deterministic work plan (see above). `order`: `interleave` (across collections), `rare_first` (pieces
+    with rare symbols first, see `rare_first`) or `given` (the order of `pieces`)."""
+    if order not in ORDERS:
+        raise PdlError(f"unknown piece order {order!r}", f"choose among {list(ORDERS)}")
+    if order == "rare_first":
+        ordered = rare_first(pieces, seed, root=root)
+    else:
+        ordered = [(p, ()) for p in (interleave(pieces, seed) if order == "interleave" else pieces)]
+    return [EngraveTask(i, p, fonts[i % len(fonts)], _unit_for(seed, i), pages_per_piece, dpi, want)
+            for i, (p, want) in enumerate(ordered)]
 
 
 def generate(out: str | os.PathLike, pages: int = 10, fonts: list[str] | tuple[str, ...] = FONTS, seed: int = 0,
              dpi: float = 327.4, workers: int = 2, pages_per_piece: int = 2,
              collections: list[str] | None = None, test_fraction: float = 0.1, timeout: float = 300.0,
-             pieces: list[Piece] | None = None, corpus: str | os.PathLike | None = None,
+             pieces: list[Piece] | None = None, corpus: str | os.PathLike | None = None, order: str = "interleave",
              show_progress: bool = True) -> GenerationReport:
     """Generate a DeepScoresV2-layout dataset of `pages` pages in `out` (resumable; see above).
 
     `fonts`: verovio SMuFL fonts to cycle through; `dpi`: page resolution (A4; 327.4 gives the 2,707 x 3,828 pixels
     of the real DeepScoresV2 sample page); `collections`: music21 corpus collections to draw from (default all);
-    `pieces`/`corpus`: an explicit piece list and corpus folder instead of the music21 corpus."""
+    `pieces`/`corpus`: an explicit piece list and corpus folder instead of the music21 corpus; `order`: how the
+    pieces are planned (`plan_tasks`)."""
     t0 = time.perf_counter()
     fonts = list(fonts)
     bad = [f for f in fonts if f not in FONTS]
@@ -463,10 +592,10 @@ def generate(out: str | os.PathLike, pages: int = 10, fonts: list[str] | tuple[s
     out = Path(out)
     root = Path(corpus) if corpus is not None else corpus_root()
     pieces = pieces if pieces is not None else corpus_pieces(collections, root)
-    plan = plan_tasks(pieces, fonts, seed, pages_per_piece, dpi)
+    plan = plan_tasks(pieces, fonts, seed, pages_per_piece, dpi, order, root)
     config = dict(seed=seed, fonts=fonts, dpi=dpi, pages_per_piece=pages_per_piece,
                   collections=sorted(collections) if collections else None, test_fraction=test_fraction,
-                  corpus=str(root), pieces=len(pieces), format=2)
+                  corpus=str(root), pieces=len(pieces), order=order, format=3)
     work = out / "work" / "pieces"
     work.mkdir(parents=True, exist_ok=True)
     config_path = out / "work" / "config.json"
@@ -664,9 +793,10 @@ def split_pieces(ds: DeepScores, test_fraction: float, seed: int) -> dict[str, l
             "train": sorted(i for g in order[n_test:] for i in groups[g])}
 
 
-def load_patches(split: str = "train", *, pages: int = 24, max_per_class: int = 400, seed: int = 0,
+def load_patches(split: str = "train", *, pages: int = 160, max_per_class: int = 400, seed: int = 0,
                  workers: int = 2) -> dict:
-    """Classification patches from our synthetic DeepScoresV2 pages (generated and cached on first call).
+    """Classification patches from `pages` synthetic DeepScoresV2 pages (generated once with the pieces holding
+    rare symbols first, `order="rare_first"`, then cached).
 
     Returns `dict(images=uint8 N x 45 x 170, labels=int64 N, classes=list[str], groups=str N (source page),
     info=dict)`; the classes are the DeepScoresV2 classes present in either split (in DeepScoresV2 id order),
@@ -675,10 +805,11 @@ def load_patches(split: str = "train", *, pages: int = 24, max_per_class: int = 
         raise PdlError(f"unknown split {split!r}", "use 'train' or 'test'")
     folder = cache_dir("deepscores")
     h, w = PATCH_SIZE
-    cache = folder / f"patches-v2-{h}x{w}-p{pages}-m{max_per_class}-s{seed}.npz"
+    cache = folder / f"patches-v3-{h}x{w}-p{pages}-m{max_per_class}-s{seed}.npz"
     if not cache.exists():
-        out = folder / f"pages-v2-p{pages}-s{seed}"
-        generate(out, pages=pages, seed=seed, workers=workers, test_fraction=0.0, show_progress=False)
+        out = folder / f"pages-v3-p{pages}-s{seed}"
+        generate(out, pages=pages, seed=seed, workers=workers, test_fraction=0.0, order="rare_first",
+                 show_progress=False)
         ds = read_deepscores(out, "train")
         arrays: dict[str, np.ndarray] = {}
         for s, indices in split_pieces(ds, 0.2, seed).items():
@@ -695,7 +826,7 @@ def load_patches(split: str = "train", *, pages: int = 24, max_per_class: int = 
     with np.load(cache) as z:
         classes = [str(c) for c in z["classes"]]
         images, labels, groups = z[f"{split}_images"], z[f"{split}_labels"], z[f"{split}_groups"]
-    info = dict(source="pdl.deepscores synthetic pages (verovio, music21 corpus)", split=split, pages=pages,
+    info = dict(source="pdl.deepscores synthetic pages (verovio, music21 corpus, rare symbols first)", split=split, pages=pages,
                 seed=seed, max_per_class=max_per_class, patch_size=PATCH_SIZE, cache=str(cache),
                 split_rule="by piece, seeded; a fifth of the pieces (at least one) in test",
                 counts={c: int((labels == i).sum()) for i, c in enumerate(classes)})
@@ -717,6 +848,8 @@ def cli_main(argv: list[str]) -> int:
     g.add_argument("--collections", nargs="*", default=None, help="music21 corpus collections (default: all)")
     g.add_argument("--test-fraction", type=float, default=0.1)
     g.add_argument("--timeout", type=float, default=300.0, help="seconds before a piece is given up")
+    g.add_argument("--order", default="interleave", choices=list(ORDERS),
+                   help="piece order: across collections, pieces with rare symbols first, or corpus order")
     i = sub.add_parser("info", help="summarise a DeepScoresV2-layout dataset")
     i.add_argument("path")
     i.add_argument("--split", default=None)
@@ -725,7 +858,8 @@ def cli_main(argv: list[str]) -> int:
         if args.command == "generate":
             report = generate(args.out, pages=args.pages, fonts=args.fonts, seed=args.seed, dpi=args.dpi,
                               workers=args.workers, pages_per_piece=args.pages_per_piece,
-                              collections=args.collections, test_fraction=args.test_fraction, timeout=args.timeout)
+                              collections=args.collections, test_fraction=args.test_fraction, timeout=args.timeout,
+                              order=args.order)
             print(f"{sum(report.pages.values())} pages {report.pages} in {report.seconds:.1f} s "
                   f"({report.pages_per_second:.2f} pages/s, {report.workers} workers); "
                   f"{len(report.failed)} pieces skipped -> {report.out}")
@@ -828,14 +962,24 @@ def bench_main(argv: list[str]) -> int:
     return 0
 
 # %% ../notebooks/03_deepscores.ipynb #39f01c93
-NOT_PRODUCED: dict[str, str] = {
-    **{c: "verovio engraves grace notes from a small notehead, a stem and a slash (annotated as "
-          "noteheadBlack...Small, stem), never as the combined SMuFL grace-note glyph"
-       for c in ("graceNoteAcciaccaturaStemUp", "graceNoteAppoggiaturaStemUp", "graceNoteAcciaccaturaStemDown",
-                 "graceNoteAppoggiaturaStemDown")},
-    **{f"fingering{d}": "verovio writes fingerings as text in the text font; text is ink of no class here"
-       for d in range(6)},
+NOT_PRODUCED: dict[str, str] = {   # classes the engine cannot produce from the corpus, and why
+    "restHBar": "the corpus' multi-measure rests are in full scores, which verovio draws with a whole rest per measure",
+    "restHNr": "the corpus' multi-measure rests are in full scores, which verovio draws with a whole rest per measure",
+    "graceNoteAcciaccaturaStemDown": "verovio draws the corpus' eighth-note grace notes with the stem up",
+    "graceNoteAppoggiaturaStemDown": "verovio draws the corpus' eighth-note grace notes with the stem up",
 }
+
+
+def why_not_produced(name: str, features: dict[str, list[str]] | None = None) -> str:
+    """Why a class has no annotation in a dataset: a known limit (`NOT_PRODUCED`), a notation that no MusicXML file
+    of the corpus contains (`corpus_features`), or chance (it is producible but absent from these pages)."""
+    if name in NOT_PRODUCED:
+        return NOT_PRODUCED[name]
+    features = corpus_features() if features is None else features
+    absent = [f for f, (_, classes) in RARE_FEATURES.items() if name in classes and not features.get(f)]
+    if absent:
+        return f"no MusicXML file of the music21 corpus has a {absent[0]}"
+    return "producible; does not occur on the pages of this run"
 
 
 def symbols_per_page(ds: DeepScores) -> np.ndarray:
@@ -864,10 +1008,11 @@ def background_ratios(ds: DeepScores):
 def class_coverage(counts: dict[str, int]):
     """All 136 classes with their count in our data and, for those with none, why (DataFrame)."""
     import pandas as pd
+    features = corpus_features()
     rows = []
     for name in DS_CLASSES:
         n = int(counts.get(name, 0))
-        reason = "" if n else NOT_PRODUCED.get(name, "producible; does not occur on the pages of this run")
+        reason = "" if n else why_not_produced(name, features)
         rows.append(dict(cls=name, cat_id=DS_ID[name], count=n, produced=n > 0, why_not=reason))
     return pd.DataFrame(rows)
 

@@ -22,9 +22,9 @@ from .core import PdlError
 # %% auto #0
 __all__ = ['CATEGORIES', 'DS_CLASSES', 'DS_ID', 'DS_COLOR', 'MUSCIMA_ID', 'FONTS', 'SVG_NS', 'XLINK_NS', 'Category', 'parse_path',
            'parse_transform', 'compose', 'apply', 'Shape', 'Symbol', 'Raster', 'rasterise', 'smufl_names',
-           'page_transform', 'GlyphCache', 'svg_shapes', 'text_chunks', 'render_text_layer', 'dynamic_letters',
-           'split_outline', 'split_nested', 'assign_letters', 'VerovioPageParser', 'PageAnnotation', 'PageRaster',
-           'oriented_box', 'compose_page']
+           'page_transform', 'GlyphCache', 'svg_shapes', 'text_chunks', 'page_texts', 'placed_runs',
+           'render_text_layer', 'glyph_outlines', 'dynamic_letters', 'split_outline', 'split_nested', 'split_octave',
+           'assign_letters', 'VerovioPageParser', 'PageAnnotation', 'PageRaster', 'oriented_box', 'compose_page']
 
 # %% ../notebooks/03a_deepscores_render.ipynb #782591be
 _CATEGORY_TABLE = """\
@@ -755,18 +755,14 @@ def text_chunks(text: ET.Element, props: dict, styles: dict) -> list[dict]:
     return [c for c in chunks if any(string for _, string in c["runs"])]
 
 
-def render_text_layer(root: ET.Element, width: int, height: int) -> np.ndarray | None:
-    """Coverage (height x width uint8) of the page's visible text; None if the page has no text.
-
-    Drawn with cairo's text API into an alpha-only surface: per `<text>`, the transform of its groups, the font
-    properties it inherits (attributes and class rules of the page's CSS), its chunks (`text_chunks`) placed by
-    `text-anchor`. Fonts are found by fontconfig like any SVG renderer's: verovio's "Times, serif" becomes the
-    system's serif font. (cairosvg draws the same text letter by letter, about ten times slower.)"""
-    import cairocffi as cairo
+def page_texts(root: ET.Element, width: int, height: int) -> list[tuple[np.ndarray, list[dict], list[ET.Element]]]:
+    """Every visible `<text>` of a page as `(transform, chunks, ancestors)`: the 3 x 3 matrix from its user units to
+    page pixels, its chunks (`text_chunks`, with the font properties inherited from attributes and the page's CSS
+    class rules), and its enclosing elements from the root down."""
     styles = _class_styles(root)
-    texts: list[tuple[np.ndarray, list[dict]]] = []
+    texts: list[tuple[np.ndarray, list[dict], list[ET.Element]]] = []
 
-    def visit(el, m, inherited):
+    def visit(el, m, inherited, ancestors):
         for child in el:
             tag = _local(child.tag)
             if tag not in ("g", "svg", "a", "text") or _hidden(child):
@@ -776,50 +772,118 @@ def render_text_layer(root: ET.Element, width: int, height: int) -> np.ndarray |
             cm = m if tag == "svg" or not transform else compose(m, parse_transform(transform))
             if tag == "text":
                 if chunks := text_chunks(child, props, styles):
-                    texts.append((cm, chunks))
+                    texts.append((cm, chunks, ancestors))
             else:
-                visit(child, cm, props)
+                visit(child, cm, props, ancestors + [child])
 
-    visit(root, page_transform(root, width, height), {})
+    visit(root, page_transform(root, width, height), {}, [root])
+    return texts
+
+
+def _text_source(ancestors: list[ET.Element]) -> str:
+    """The class of the nearest classed group around a text (`dir`, `fing`, `syl`, ...)."""
+    return next((_classes(a)[0] for a in reversed(ancestors) if _local(a.tag) == "g" and _classes(a)), "")
+
+
+def _text_context(width: int = 1, height: int = 1):
+    import cairocffi as cairo
+    surface = cairo.ImageSurface(cairo.FORMAT_A8, width, height)
+    return surface, cairo.Context(surface)
+
+
+def _use_font(context, props: dict) -> None:
+    """Select the cairo font face and size of SVG font properties (fontconfig resolves the family)."""
+    import cairocffi as cairo
+    weight = props.get("font-weight", "normal")
+    bold = weight in ("bold", "bolder") or (weight.isdigit() and int(weight) >= 550)
+    slant = {"italic": cairo.FONT_SLANT_ITALIC, "oblique": cairo.FONT_SLANT_OBLIQUE}.get(props.get("font-style"),
+                                                                                       cairo.FONT_SLANT_NORMAL)
+    context.select_font_face(props.get("font-family", "serif").split(",")[0].strip("'\" "), slant,
+                             cairo.FONT_WEIGHT_BOLD if bold else cairo.FONT_WEIGHT_NORMAL)
+    context.set_font_size(_float(props.get("font-size"), 16.0))
+
+
+def placed_runs(context, chunks: list[dict]):
+    """Yield `(properties, string, x, y)` for each run of a text's chunks, in user units: a chunk starts at its x
+    and y (or where the previous one ended) and is shifted by its `text-anchor`, as SVG places text."""
+    cx = cy = 0.0
+    for chunk in chunks:
+        advances = []
+        for props, string in chunk["runs"]:
+            _use_font(context, props)
+            advances.append(context.text_extents(string)[4])
+        x = cx if chunk["x"] is None else chunk["x"]
+        cy = cy if chunk["y"] is None else chunk["y"]
+        x -= {"middle": 0.5, "end": 1.0}.get(chunk["anchor"], 0.0) * sum(advances)
+        for (props, string), advance in zip(chunk["runs"], advances):
+            yield props, string, x, cy
+            x += advance
+        cx = x
+
+
+def render_text_layer(root: ET.Element, width: int, height: int) -> np.ndarray | None:
+    """Coverage (height x width uint8) of the page's visible text that is no symbol (all but fingerings, which
+    `text_symbols` turns into symbols); None if the page has no such text.
+
+    Drawn with cairo's text API into an alpha-only surface, per `<text>` of `page_texts`, placed by `placed_runs`.
+    Fonts are found by fontconfig like any SVG renderer's: verovio's "Times, serif" becomes the system's serif font.
+    (cairosvg draws the same text letter by letter, about ten times slower.)"""
+    import cairocffi as cairo
+    texts = [t for t in page_texts(root, width, height) if _text_source(t[2]) not in _SYMBOL_TEXT]
     if not texts:
         return None
-    surface = cairo.ImageSurface(cairo.FORMAT_A8, width, height)
-    context = cairo.Context(surface)
-    slants = {"italic": cairo.FONT_SLANT_ITALIC, "oblique": cairo.FONT_SLANT_OBLIQUE}
-
-    def use_font(props: dict) -> None:
-        weight = props.get("font-weight", "normal")
-        bold = weight in ("bold", "bolder") or (weight.isdigit() and int(weight) >= 550)
-        context.select_font_face(props.get("font-family", "serif").split(",")[0].strip("'\" "),
-                                 slants.get(props.get("font-style"), cairo.FONT_SLANT_NORMAL),
-                                 cairo.FONT_WEIGHT_BOLD if bold else cairo.FONT_WEIGHT_NORMAL)
-        context.set_font_size(_float(props.get("font-size"), 16.0))
-
-    for m, chunks in texts:
+    surface, context = _text_context(width, height)
+    for m, chunks, _ in texts:
         context.set_matrix(cairo.Matrix(m[0, 0], m[1, 0], m[0, 1], m[1, 1], m[0, 2], m[1, 2]))
-        cx = cy = 0.0
-        for chunk in chunks:
-            advances = []
-            for props, string in chunk["runs"]:
-                use_font(props)
-                advances.append(context.text_extents(string)[4])
-            x = cx if chunk["x"] is None else chunk["x"]
-            cy = cy if chunk["y"] is None else chunk["y"]
-            x -= {"middle": 0.5, "end": 1.0}.get(chunk["anchor"], 0.0) * sum(advances)
-            for (props, string), advance in zip(chunk["runs"], advances):
-                use_font(props)
-                context.move_to(x, cy)
-                context.show_text(string)
-                x += advance
-            cx = x
+        for props, string, x, y in placed_runs(context, chunks):
+            _use_font(context, props)
+            context.move_to(x, y)
+            context.show_text(string)
     surface.flush()
     alpha = np.frombuffer(surface.get_data(), np.uint8).reshape(height, surface.get_stride())[:, :width]
     return np.ascontiguousarray(alpha)
 
+
+def glyph_outlines(context, m: np.ndarray, props: dict, string: str, x: float, y: float):
+    """Yield `(character, polygons)` for each non-blank character of a run drawn at user position (x, y): the
+    character's outline from cairo's text path, flattened to polygons in page pixels (transform `m`).
+
+    cairo leaves out glyphs that fall far outside its surface, so each character is outlined with its origin
+    moved to the middle of the (small) surface of `context`, and the points are taken in user units."""
+    import cairocffi as cairo
+    cx, cy = context.get_target().get_width() / 2, context.get_target().get_height() / 2
+    context.set_tolerance(0.05)                  # flattening error in page pixels
+    _use_font(context, props)
+    for ch in string:
+        if not ch.isspace():
+            context.set_matrix(cairo.Matrix(m[0, 0], m[1, 0], m[0, 1], m[1, 1],
+                                            cx - m[0, 0] * x - m[0, 1] * y, cy - m[1, 0] * x - m[1, 1] * y))
+            context.new_path()
+            context.move_to(x, y)
+            context.text_path(ch)
+            polygons, current = [], []
+            for op, coords in context.copy_path_flat():
+                if op in (cairo.PATH_MOVE_TO, cairo.PATH_CLOSE_PATH) and len(current) >= 3:
+                    polygons.append(apply(m, np.array(current, float)))
+                if op == cairo.PATH_MOVE_TO:
+                    current = [coords]
+                elif op == cairo.PATH_LINE_TO:
+                    current.append(coords)
+                elif op == cairo.PATH_CLOSE_PATH:
+                    current = []
+            if len(current) >= 3:
+                polygons.append(apply(m, np.array(current, float)))
+            if polygons:
+                yield ch, polygons
+        x += context.text_extents(ch)[4]
+
 # %% ../notebooks/03a_deepscores_render.ipynb #d2196c1f
 _CONTROL_CLASSES = ("slur", "tie", "hairpin", "dynam", "fermata", "trill", "mordent", "turn", "octave", "pedal",
                     "dir", "tempo", "arpeg", "breath", "fing", "harm", "bracketSpan", "phrase", "gliss", "reh")
-_GROUP_INSTANCES = {"slur": "slur", "tie": "tie", "phrase": "slur", "arpeg": "arpeggiato", "octave": "ottavaBracket"}
+_GROUP_INSTANCES = {"slur": "slur", "tie": "tie", "phrase": "slur", "arpeg": "arpeggiato", "octave": "ottavaBracket",
+                    "tupletBracket": "tupletBracket"}
+_GLYPH_ALIASES = {"ornamentShortTrill": "ornamentMordent"}   # DeepScoresV2 has one class for both mordents
+_SYMBOL_TEXT = ("fing",)          # verovio groups whose text is a symbol class (fingerings), not unclassed text
 
 _DYNAMIC_LETTERS = {
     "dynamicPiano": "p", "dynamicMezzo": "m", "dynamicForte": "f", "dynamicRinforzando": "r",
@@ -857,20 +921,39 @@ def split_outline(polygons: list[np.ndarray], axis: int) -> list[list[np.ndarray
 
 
 def split_nested(polygons: list[np.ndarray]) -> list[list[np.ndarray]]:
-    """Group a glyph's contours into its separate parts: a contour whose box lies inside a larger contour's box
-    (a hole, or a detail inside a letter) joins it. Parts are ordered left to right."""
-    boxes = [(p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()) for p in polygons]
-    order = sorted(range(len(polygons)), key=lambda i: -(boxes[i][2] - boxes[i][0]) * (boxes[i][3] - boxes[i][1]))
-    groups: list[tuple[tuple, list[int]]] = []
-    for i in order:
-        x0, y0, x1, y1 = boxes[i]
-        host = next((g for g in groups if g[0][0] <= x0 and g[0][1] <= y0 and x1 <= g[0][2] and y1 <= g[0][3]), None)
+    """Group a glyph's contours into its separate parts: a contour lying inside a larger contour (a hole, or a
+    detail inside a letter) joins the part of that contour. Parts are ordered left to right."""
+    areas = [abs(cv2.contourArea(p.astype(np.float32))) for p in polygons]
+    groups: list[list[int]] = []
+    for i in sorted(range(len(polygons)), key=lambda i: -areas[i]):
+        x, y = (float(v) for v in polygons[i][0])
+        host = next((g for g in groups
+                     if cv2.pointPolygonTest(polygons[g[0]].astype(np.float32), (x, y), False) > 0), None)
         if host is None:
-            groups.append((boxes[i], [i]))
+            groups.append([i])
         else:
-            host[1].append(i)
-    groups.sort(key=lambda g: g[0][0])
-    return [[polygons[i] for i in members] for _, members in groups]
+            host.append(i)
+    groups.sort(key=lambda g: float(polygons[g[0]][:, 0].min()))
+    return [[polygons[i] for i in members] for members in groups]
+
+
+def split_octave(polygons: list[np.ndarray], below: bool) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+    """Split an octave clef glyph (`gClef8vb`, `fClef15ma`, ...) into (clef contours, octave-number contours), or None
+    if no separate number is found. The clef is the part with the largest box (`split_nested`); the number is made
+    of the other parts whose centre lies below (`below`) or above the clef's centre, which keeps an F clef's dots
+    with the clef."""
+    parts = split_nested(polygons)
+    if len(parts) < 2:
+        return None
+    boxes = [(np.concatenate(p).min(axis=0), np.concatenate(p).max(axis=0)) for p in parts]
+    body = max(range(len(parts)), key=lambda i: float(np.prod(boxes[i][1] - boxes[i][0])))
+    centre = (boxes[body][0][1] + boxes[body][1][1]) / 2
+    number = [i for i in range(len(parts)) if i != body
+              and ((boxes[i][0][1] + boxes[i][1][1]) / 2 > centre) == below]
+    if not number:
+        return None
+    return ([p for i in range(len(parts)) if i not in number for p in parts[i]],
+            [p for i in number for p in parts[i]])
 
 
 def assign_letters(polygons: list[np.ndarray], letters: str) -> list[list[np.ndarray]] | None:
@@ -949,6 +1032,7 @@ class VerovioPageParser:
             if owner is not None and _classes(owner)[0] == "staff" and _local(el.tag) == "path":
                 info = self._staff_info(owner, ancestors, staffs)
                 info.lines.append(float(shape.points()[:, 1].mean()))
+        grace: dict[int, str] = {}                    # id(note element) -> grace-note class
         for anc in root.iter(f"{{{SVG_NS}}}g"):
             cls = _classes(anc)
             if cls and cls[0] in ("chord", "beam", "tuplet", "graceGrp", "beamSpan"):
@@ -956,6 +1040,8 @@ class VerovioPageParser:
                              if _classes(n)[:1] in (("note",), ("rest",)) and n.get("id")), None)
                 if note:
                     self._first_note[anc.get("id") or ""] = note
+            elif cls and cls[0] == "note" and (grace_cls := self._grace_class(anc)):
+                grace[id(anc)] = grace_cls
         for el, ancestors, shape in shapes:
             owner = self._owner(ancestors)
             source = _classes(owner)[0] if owner is not None else "page"
@@ -963,7 +1049,16 @@ class VerovioPageParser:
             staff = self._staff_info(staff_el, ancestors, staffs) if staff_el is not None else None
             onset = self._onset(ancestors)
             tag = _local(el.tag)
-            if source == "staff" and tag == "path":
+            note_el = next((a for a in reversed(ancestors) if _classes(a)[:1] == ("note",)), None) if grace else None
+            if note_el is not None and id(note_el) in grace and source in ("note", "stem", "flag"):
+                key = id(note_el)
+                if key not in groups:
+                    groups[key] = Symbol(grace[key], "note", [], onset, None, note_el.get("id", ""))
+                    symbols.append(groups[key])
+                if source == "note" and staff is not None:
+                    groups[key].rel_position = staff.position(_glyph_origin_y(el, shape))
+                groups[key].shapes.append(shape)
+            elif source == "staff" and tag == "path":
                 sym = staff_symbols.get(staff.key)
                 if sym is None:
                     sym = staff_symbols[staff.key] = Symbol("staff", "staff", [], None, None, staff_el.get("id", ""))
@@ -971,10 +1066,13 @@ class VerovioPageParser:
                 sym.shapes.append(shape)
             elif tag == "use":
                 symbols += self._glyph(el, shape, source, owner, staff, onset)
-            elif source in _GROUP_INSTANCES or source == "tuplet" or source == "hairpin":
+            elif source in _GROUP_INSTANCES or source in ("tuplet", "hairpin", "grpSym"):
                 key = id(owner)
                 if key not in groups:
                     cls = _GROUP_INSTANCES.get(source, "tupletBracket" if source == "tuplet" else "")
+                    if source == "grpSym":           # a brace, or a bracket or line (no class) drawn as paths
+                        symbol = self._control_attributes(owner.get("id", ""), []).get("symbol")
+                        cls = "brace" if symbol == "brace" else ""
                     ref = next((t[3:] for t in _classes(owner) if t.startswith("id-")), owner.get("id", ""))
                     groups[key] = Symbol(cls, source, [], onset, None, ref)
                     symbols.append(groups[key])
@@ -986,6 +1084,7 @@ class VerovioPageParser:
                     cls = ""
                 symbols.append(Symbol(cls, source, [shape], onset if cls else None, None,
                                       owner.get("id", "") if owner is not None else ""))
+        symbols += self.text_symbols(root, width, height)
         for sym in symbols:
             if sym.source == "hairpin":
                 form = self._control_attributes(sym.element_id, []).get("form")
@@ -1060,6 +1159,40 @@ class VerovioPageParser:
         except Exception:                              # an unknown id must not stop the page
             return {}
 
+    def _grace_class(self, note: ET.Element) -> str | None:
+        """The class of a grace note drawn like SMuFL's single grace-note glyphs (an eighth flag, no beam), or None.
+        Its notehead, stem, flag and slash become one symbol: `graceNoteAcciaccatura...` when verovio draws the
+        slash (a second path in the stem group; MEI `@grace="unacc"`), `graceNoteAppoggiatura...` otherwise. That a
+        note is a grace note is known only from the MEI, so only notes with an eighth flag are looked up."""
+        stem = next((c for c in note if _classes(c)[:1] == ("stem",)), None)
+        flag = next((c for c in stem if _classes(c)[:1] == ("flag",)), None) if stem is not None else None
+        use = flag.find(f"{{{SVG_NS}}}use") if flag is not None else None
+        if use is None:
+            return None
+        name = self.names.get((use.get(f"{{{XLINK_NS}}}href") or "").lstrip("#").split("-")[0], "")
+        if name not in ("flag8thUp", "flag8thDown") or not self._control_attributes(note.get("id", ""), []).get("grace"):
+            return None
+        slash = sum(_local(c.tag) == "path" for c in stem) > 1
+        return f"graceNote{'Acciaccatura' if slash else 'Appoggiatura'}Stem{name[len('flag8th'):]}"
+
+    def text_symbols(self, root: ET.Element, width: int, height: int) -> list[Symbol]:
+        """Symbols drawn as text: each digit of a fingering (`fingering0`..`fingering5`; other characters are ink
+        of no class), outlined from the text font by cairo (`glyph_outlines`)."""
+        texts = [t for t in page_texts(root, width, height) if _text_source(t[2]) in _SYMBOL_TEXT]
+        if not texts:
+            return []
+        _, context = _text_context(256, 256)
+        symbols = []
+        for m, chunks, ancestors in texts:
+            owner = self._owner(ancestors)
+            onset = self._onset(ancestors)
+            for props, string, x, y in placed_runs(context, chunks):
+                for ch, polygons in glyph_outlines(context, m, props, string, x, y):
+                    cls = f"fingering{ch}" if f"fingering{ch}" in DS_ID else ""
+                    symbols.append(Symbol(cls, "fing", [Shape(polygons=polygons)], onset if cls else None, None,
+                                          owner.get("id", "") if owner is not None else ""))
+        return symbols
+
     def _small(self, shape_scale: float, staff: _StaffInfo | None) -> bool:
         return staff is not None and staff.space > 0 and shape_scale < 0.85 * (4 * staff.space / 1000)
 
@@ -1099,12 +1232,10 @@ class VerovioPageParser:
                 base = "clefCTenor" if pos == 2 else "clefCAlto"
             if clef.group(2) is None:
                 return [sym(base)]
-            pieces = split_outline(shape.polygons, 1)
-            if len(pieces) < 2:
+            parts = split_octave(shape.polygons, below=clef.group(3) in ("vb", "mb"))
+            if parts is None:
                 return [sym(base)]
-            octave = pieces[-1] if clef.group(3) in ("vb", "mb") else pieces[0]
-            body = [p for piece in pieces if piece is not octave for p in piece]
-            return [sym(base, body), sym(f"clef{clef.group(2)}", octave)]
+            return [sym(base, parts[0]), sym(f"clef{clef.group(2)}", parts[1])]
         if name.startswith("dynamic") and source == "dynam":
             letters = dynamic_letters(name)
             if letters is None or any(ch not in _LETTER_CLASS for ch in letters):
@@ -1123,6 +1254,7 @@ class VerovioPageParser:
             return [sym("clefG")]
         if source == "arpeg" or source == "octave":
             return [sym(_GROUP_INSTANCES[source])]
+        name = _GLYPH_ALIASES.get(name, name)
         if name in DS_ID and not name.startswith("notehead"):
             return [sym(name)]
         return [sym("")]

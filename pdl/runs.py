@@ -242,12 +242,17 @@ def environment_record() -> dict:
                 time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
 
-_PDL_IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+pdl\.(\w+)[ \t]+import|import[ \t]+pdl\.(\w+))|^[ \t]*from[ \t]+pdl[ \t]+import[ \t]+([\w ,]+)", re.M)
+_PDL_IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+(?:pdl)?\.(\w+)[ \t]+import|import[ \t]+pdl\.(\w+))"
+                         r"|^[ \t]*from[ \t]+(?:pdl|\.)[ \t]+import[ \t]+([\w ,]+)", re.M)
+
+
+_PDL_SPEC = re.compile(r"""["']pdl\.(\w+):\w+["']""")
 
 
 def pdl_imports(source: str) -> set[str]:
-    """Names of the `pdl` modules a piece of code imports (`import pdl.x`, `from pdl.x import`, `from pdl import x`)."""
-    names = set()
+    """Names of the `pdl` modules a piece of code imports (`import pdl.x`, `from pdl.x import`, `from pdl import x`,
+    and inside the package `from .x import`, `from . import x`) or names as a lazily imported function (`"pdl.x:function"`, e.g. a dataset loader registered by name)."""
+    names = set(_PDL_SPEC.findall(source))
     for dotted, imported, listed in _PDL_IMPORT.findall(source):
         names.update(n for n in (dotted, imported) if n)
         names.update(n.strip().split(" as ")[0] for n in listed.split(",") if n.strip())

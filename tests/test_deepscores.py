@@ -198,3 +198,45 @@ def test_patches_and_cli(dataset, capsys):
     with pytest.raises(SystemExit):
         D.cli_main(["generate", "--out", str(out), "--fonts", "Nope"])
     assert D.cli_main(["info", str(out / "nowhere")]) == 2
+
+
+def test_utf16_musicxml_is_engraved():
+    """The corpus' Monteverdi madrigals are UTF-16 MusicXML, which verovio rejects; they are re-declared as UTF-8."""
+    import verovio
+    root = D.corpus_root()
+    piece = D.Piece("monteverdi", "monteverdi/madrigal.4.17.mxl")
+    assert not verovio.toolkit(False).loadFile(str(root / piece.path))       # what verovio does on its own
+    tk = D._toolkit("Leipzig", 9.0)
+    D.load_piece(tk, piece, root)
+    assert tk.getPageCount() >= 1
+    assert D._utf16_musicxml(root / "bach/bwv66.6.mxl") is None            # UTF-8 files are left to verovio
+
+
+def test_rare_first_puts_feature_pieces_first_and_wants_their_classes():
+    pieces = D.corpus_pieces()
+    features = D.corpus_features()
+    assert len(features["fingering"]) >= 1 and len(features["octave clef"]) >= 10
+    assert features["caesura"] == []                          # absent from the corpus: explains a missing class
+    plan = D.rare_first(pieces, seed=0)
+    assert len(plan) == len(pieces) and len({p for p, _ in plan}) == len(pieces)     # a reordering, nothing lost
+    wanting = [(p, w) for p, w in plan if w]
+    assert plan[:len(wanting)] == wanting                     # feature pieces first
+    fingering = [p for p, w in wanting if "fingering1" in w]
+    assert fingering and all(p.path in features["fingering"] for p in fingering)
+    assert D.rare_first(pieces, seed=0) == plan               # deterministic
+    with pytest.raises(PdlError, match="unknown piece order"):
+        D.plan_tasks(pieces[:3], ["Leipzig"], 0, 1, 100.0, order="random")
+
+
+def test_wanted_classes_choose_the_pages(tmp_path):
+    """A task that wants fingerings keeps a page holding them (the second: this piece has none on its first); the
+    same task without wants keeps page 1."""
+    piece = D.Piece("schumann_clara", "schumann_clara/polonaise_op1n1.mxl")
+    root = D.corpus_root()
+    classes = tuple(f"fingering{d}" for d in range(6))
+    wanting = D.engrave_piece(D.EngraveTask(0, piece, "Leland", 9.0, 1, 80.0, classes), tmp_path, root)
+    plain = D.engrave_piece(D.EngraveTask(1, piece, "Leland", 9.0, 1, 80.0), tmp_path, root)
+    assert plain["pages"][0]["page"] == 1
+    assert not any(a[0] in classes for a in plain["pages"][0]["annotations"])
+    assert wanting["pages"][0]["page"] == 2
+    assert any(a[0] in classes for a in wanting["pages"][0]["annotations"])
