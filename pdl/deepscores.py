@@ -152,9 +152,9 @@ __all__ = ['log', 'SCAN_PAGES', 'RARE_FEATURES', 'ORDERS', 'PATCH_SIZE', 'NOT_PR
            'parse_comments', 'read_deepscores', 'dumps_deepscores', 'write_deepscores_json', 'categories_json', 'Piece',
            'corpus_root', 'corpus_pieces', 'interleave', 'load_piece', 'page_size', 'instance_png', 'write_page',
            'EngraveTask', 'engrave_page', 'engrave_piece', 'corpus_features', 'rare_first', 'GenerationReport',
-           'worker_context', 'plan_tasks', 'generate', 'extract_patches', 'split_pieces', 'load_patches', 'cli_main',
-           'bench_main', 'why_not_produced', 'symbols_per_page', 'background_ratios', 'class_coverage',
-           'reference_sample']
+           'keep_freed_memory', 'worker_context', 'plan_tasks', 'generate', 'DeepScoresWriter', 'extract_patches',
+           'split_pieces', 'load_patches', 'cli_main', 'bench_main', 'why_not_produced', 'symbols_per_page',
+           'background_ratios', 'class_coverage', 'reference_sample']
 
 # %% ../notebooks/03_deepscores.ipynb #e3f76cc9
 _SUFFIXES = (".mxl", ".xml", ".musicxml", ".krn", ".abc")
@@ -281,11 +281,16 @@ def page_size(dpi: float) -> tuple[int, int]:
     return round(210 / 25.4 * dpi), round(297 / 25.4 * dpi)
 
 
-def _png(array: np.ndarray) -> bytes:
-    # fast settings (measured on a dense page: 3x faster than adaptive filtering, files ~1.5x larger):
-    # zlib level 1 and the "up" filter, which turns the long identical columns of a score into zeros
-    ok, buf = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 1,
-                                           cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP])
+# PNG settings per file kind, chosen for speed (measured on 8 dense pages, per page: 94 ms and 640 kB for the three
+# files, against 117 ms and 640 kB with the "up" filter for all, and about 3x the time with adaptive filtering):
+# zlib level 1, no row filter, and run-length matching for the two grey images
+_PNG_RLE = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE,
+            cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+_PNG_PLAIN = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
+
+
+def _png(array: np.ndarray, params: list[int] = _PNG_PLAIN) -> bytes:
+    ok, buf = cv2.imencode(".png", array, params)
     if not ok:
         raise PdlError("PNG encoding failed")
     return buf.tobytes()
@@ -299,11 +304,11 @@ def instance_png(instances: np.ndarray) -> np.ndarray:
 
 def write_page(out: Path, name: str, page: PageRaster) -> None:
     """Write the image, segmentation and instance PNGs of one page (each atomically)."""
-    for folder, filename, array in (("images", f"{name}.png", page.image),
-                                    ("segmentation", f"{name}_seg.png", page.segmentation),
-                                    ("instance", f"{name}_inst.png", instance_png(page.instances))):
+    for folder, filename, array, params in (("images", f"{name}.png", page.image, _PNG_RLE),
+                                            ("segmentation", f"{name}_seg.png", page.segmentation, _PNG_RLE),
+                                            ("instance", f"{name}_inst.png", instance_png(page.instances), _PNG_PLAIN)):
         with atomic_path(out / folder / filename) as tmp:
-            tmp.write_bytes(_png(array))
+            tmp.write_bytes(_png(array, params))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -502,6 +507,19 @@ class GenerationReport:
         return sum(self.pages.values()) / self.seconds if self.seconds > 0 else float("nan")
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc's allocator to keep freed memory for reuse instead of returning it to the system. A page makes
+    about 100 MB of short-lived full-page arrays; returned to the system, every new one pays a page fault per 4 kB
+    on first touch, which costs about a quarter of the array work on our (virtual) machines. Returns False where
+    the C library has no `mallopt` (not glibc)."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 30)) and bool(libc.mallopt(-1, 1 << 30))   # M_MMAP_/M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def _child(task_fields: dict, out: Path, root: Path, record_path: Path) -> None:
     """Body of a worker process: engrave, then write the piece record (a failure record on a handled error).
     The task arrives as plain fields (`dataclasses.asdict`), so callers whose classes live in a notebook's
@@ -510,6 +528,7 @@ def _child(task_fields: dict, out: Path, root: Path, record_path: Path) -> None:
     import faulthandler
     faulthandler.disable()             # a crash here is reported by the parent, once, as a skipped piece
     cv2.setNumThreads(1)               # the workers are the parallelism; OpenCV's threads only add overhead here
+    keep_freed_memory()
     try:
         record = engrave_piece(task, out, root)
     except Exception as err:   # a bad input is recorded and skipped, never fatal for the run
@@ -613,17 +632,18 @@ def generate(out: str | os.PathLike, pages: int = 10, fonts: list[str] | tuple[s
     child = importlib.import_module("pdl.deepscores")._child  # importable by the server, also from a notebook
     bar = progress(range(pages), desc="deepscores pages", total=pages) if show_progress else None
 
+    prefix = [0, 0]                    # the plan's finished prefix: its length and its pages
+
     def pages_in_prefix() -> tuple[int, bool]:
         """Pages available from the longest finished prefix of the plan, and whether that prefix is the plan so far."""
-        total = 0
-        for i in range(next_task):
-            if i not in records:
-                return total, False
-            total += len(records[i].get("pages", []))
-        return total, True
+        while prefix[0] < next_task and prefix[0] in records:
+            prefix[1] += records[prefix[0]]["pages"]
+            prefix[0] += 1
+        return prefix[1], prefix[0] == next_task
 
     def finish(i: int, record: dict) -> None:
-        records[i] = record
+        # only a summary stays in memory: at thesis scale the annotations of all records would not fit
+        records[i] = dict(status=record["status"], reason=record.get("reason"), pages=len(record.get("pages", [])))
         if record["status"] != "ok":
             log.warning("skipped piece %s (%s): %s", plan[i].piece.path, plan[i].font, record["reason"])
         elif bar is not None:
@@ -692,50 +712,113 @@ def _comments(instance: int, onset, rel_position) -> str:
     return ";".join(parts)
 
 
+def _indented(value, level: int) -> str:
+    """`json.dumps(value, indent=4)` as it reads nested `level` levels deep in a document dumped with indent=4."""
+    return json.dumps(value, indent=4).replace("\n", "\n" + "    " * level)
+
+
+_ANNOTATION_KEYS = ("a_bbox", "o_bbox", "cat_id", "area", "img_id", "comments")
+
+
+def _annotation_entry(key: str, ann: dict) -> str:
+    """`"key": {annotation}` exactly as `json.dumps(..., indent=4)` writes it inside `annotations`, built directly:
+    the generic pretty-printer (pure Python) would make writing a large dataset take minutes."""
+    if tuple(ann) != _ANNOTATION_KEYS:
+        return f"        {json.dumps(key)}: {_indented(ann, 2)}"
+    item = "\n                "
+
+    def values(v: list, text=repr) -> str:         # json writes a float or an int as its repr
+        return "[]" if not v else "[" + item + ("," + item).join(map(text, v)) + "\n            ]"
+
+    return (f"        {json.dumps(key)}: {{\n"
+            f'            "a_bbox": {values(ann["a_bbox"])},\n'
+            f'            "o_bbox": {values(ann["o_bbox"])},\n'
+            f'            "cat_id": {values(ann["cat_id"], json.dumps)},\n'
+            f'            "area": {json.dumps(ann["area"])},\n'
+            f'            "img_id": {json.dumps(ann["img_id"])},\n'
+            f'            "comments": {json.dumps(ann["comments"])}\n'
+            f"        }}")
+
+
+class DeepScoresWriter:
+    """Writes one DeepScoresV2 JSON document image by image in constant memory, byte for byte as
+    `write_deepscores_json` writes the whole document: `head` (info, annotation sets, categories), then `images`,
+    then `annotations`. The annotations wait in a side file until `close`; the document appears atomically."""
+
+    def __init__(self, path: Path, head: dict):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".partial")
+        self.side = self.path.with_name(self.path.name + ".annotations.partial")
+        self.main, self.notes = open(self.tmp, "w"), open(self.side, "w+")
+        self.main.write("{\n" + "".join(f"    {json.dumps(k)}: {_indented(v, 1)},\n" for k, v in head.items())
+                        + '    "images": [')
+        self.images = self.annotations = 0
+
+    def add(self, image: dict, annotations: list[tuple[str, dict]]) -> None:
+        self.main.write(("\n" if not self.images else ",\n") + "        " + _indented(image, 2))
+        self.images += 1
+        for key, ann in annotations:
+            self.notes.write(("\n" if not self.annotations else ",\n") + _annotation_entry(key, ann))
+            self.annotations += 1
+
+    def close(self) -> Path:
+        self.main.write(("\n    ]" if self.images else "]") + ',\n    "annotations": {')
+        self.notes.seek(0)
+        shutil.copyfileobj(self.notes, self.main)
+        self.main.write(("\n    }" if self.annotations else "}") + "\n}\n")
+        self.main.close()
+        self.notes.close()
+        self.side.unlink()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+
 def _assemble(out: Path, plan: list[EngraveTask], records: dict[int, dict], pages: int, seed: int,
               config: dict) -> dict[str, int]:
-    """Write `deepscores_<split>.json` from the piece records: the first `pages` pages in plan order."""
-    docs = {s: dict(info=dict(description="Synthetic DeepScoresV2-format pages engraved by pdl with verovio "
-                                          "from the music21 corpus", version="2.0", year=2020,
-                              contributor="pdl", url="", generator=dict(config, split=s)),
-                    annotation_sets=["deepscores", "muscima++"], categories=categories_json(), images=[],
-                    annotations={})
-            for s in ("train", "test")}
-    kept = set()
+    """Write `deepscores_<split>.json` and `pages.json` from the piece records on disk (`records` says which
+    succeeded): the first `pages` pages in plan order, streamed (`DeepScoresWriter`)."""
+    info = dict(description="Synthetic DeepScoresV2-format pages engraved by pdl with verovio from the music21 corpus",
+                version="2.0", year=2020, contributor="pdl", url="")
+    writers = {s: DeepScoresWriter(out / f"deepscores_{s}.json",
+                                   dict(info=dict(info, generator=dict(config, split=s)),
+                                        annotation_sets=["deepscores", "muscima++"], categories=categories_json()))
+               for s in ("train", "test")}
+    kept, meta = set(), []
     img_id = ann_id = 0
-    for i in sorted(records):
-        record = records[i]
-        if record["status"] != "ok":
-            continue
-        split = _split_of(seed, plan[i].piece, config["test_fraction"])
-        for page in record["pages"]:
-            if img_id >= pages:
-                break
-            img_id += 1
-            doc = docs[split]
-            ann_ids = []
-            for cls, a_bbox, o_bbox, area, instance, onset, rel in page["annotations"]:
-                ann_id += 1
-                ann_ids.append(str(ann_id))
-                doc["annotations"][str(ann_id)] = dict(
-                    a_bbox=a_bbox, o_bbox=o_bbox, cat_id=[DS_ID[cls], MUSCIMA_ID[cls]], area=area,
-                    img_id=str(img_id), comments=_comments(instance, onset, rel))
-            doc["images"].append(dict(id=img_id, filename=page["filename"], width=page["width"],
-                                      height=page["height"], ann_ids=ann_ids))
-            kept.add(Path(page["filename"]).stem)
+    try:
+        for i in sorted(records):
+            if records[i]["status"] != "ok" or img_id >= pages:
+                continue
+            record = json.loads((out / "work" / "pieces" / f"{plan[i].name}.json").read_text())
+            split = _split_of(seed, plan[i].piece, config["test_fraction"])
+            for page in record["pages"][:pages - img_id]:
+                img_id += 1
+                annotations = []
+                for cls, a_bbox, o_bbox, area, instance, onset, rel in page["annotations"]:
+                    ann_id += 1
+                    annotations.append((str(ann_id), dict(
+                        a_bbox=a_bbox, o_bbox=o_bbox, cat_id=[DS_ID[cls], MUSCIMA_ID[cls]], area=area,
+                        img_id=str(img_id), comments=_comments(instance, onset, rel))))
+                writers[split].add(dict(id=img_id, filename=page["filename"], width=page["width"],
+                                        height=page["height"], ann_ids=[k for k, _ in annotations]), annotations)
+                kept.add(Path(page["filename"]).stem)
+                meta.append(dict(record_index=i, piece=record["piece"], font=record["font"], unit=record["unit"],
+                                 **{k: v for k, v in page.items() if k != "annotations"},
+                                 symbols=len(page["annotations"]), split=split))
+    except BaseException:
+        for w in writers.values():
+            w.main.close(); w.notes.close()
+            w.tmp.unlink(missing_ok=True); w.side.unlink(missing_ok=True)
+        raise
     for folder, suffix in (("images", ""), ("segmentation", "_seg"), ("instance", "_inst")):
         for f in (out / folder).glob("*.png") if (out / folder).exists() else []:
             if f.stem[: len(f.stem) - len(suffix)] not in kept:
                 f.unlink()             # pages beyond the target (e.g. from a larger earlier run) are dropped
-    for split, doc in docs.items():
-        write_deepscores_json(out / f"deepscores_{split}.json", doc)
-    meta = [dict(record_index=i, piece=records[i]["piece"], font=records[i]["font"], unit=records[i]["unit"],
-                 **{k: v for k, v in page.items() if k != "annotations"}, symbols=len(page["annotations"]),
-                 split=_split_of(seed, plan[i].piece, config["test_fraction"]))
-            for i in sorted(records) if records[i]["status"] == "ok"
-            for page in records[i]["pages"] if Path(page["filename"]).stem in kept]
+    counts = {s: w.images for s, w in writers.items()}
+    for w in writers.values():
+        w.close()
     atomic_write_text(out / "pages.json", json.dumps(meta, indent=1))
-    return {s: len(d["images"]) for s, d in docs.items()}
+    return counts
 
 # %% ../notebooks/03_deepscores.ipynb #8bf7824e
 PATCH_SIZE = (45, 170)   # height, width in pixels
@@ -909,6 +992,7 @@ def bench_main(argv: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    keep_freed_memory()                 # as in the generation workers, for both routes of the single-process part
     if shutil.which("lilypond") is None or shutil.which("musicxml2ly") is None:
         print("error: the LilyPond peer needs Debian's lilypond (apt-get install lilypond)", file=sys.stderr)
         return 2

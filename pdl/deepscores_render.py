@@ -762,21 +762,23 @@ def page_texts(root: ET.Element, width: int, height: int) -> list[tuple[np.ndarr
     styles = _class_styles(root)
     texts: list[tuple[np.ndarray, list[dict], list[ET.Element]]] = []
 
-    def visit(el, m, inherited, ancestors):
+    def visit(el, m, ancestors):
         for child in el:
             tag = _local(child.tag)
             if tag not in ("g", "svg", "a", "text") or _hidden(child):
                 continue
-            props = _text_properties(child, inherited, styles)
             transform = child.get("transform")
             cm = m if tag == "svg" or not transform else compose(m, parse_transform(transform))
             if tag == "text":
+                props: dict = {}                   # inherited down the chain; only texts need them (few)
+                for a in ancestors[1:] + [child]:
+                    props = _text_properties(a, props, styles)
                 if chunks := text_chunks(child, props, styles):
                     texts.append((cm, chunks, ancestors))
             else:
-                visit(child, cm, props, ancestors + [child])
+                visit(child, cm, ancestors + [child])
 
-    visit(root, page_transform(root, width, height), {}, [root])
+    visit(root, page_transform(root, width, height), [root])
     return texts
 
 
@@ -1042,14 +1044,19 @@ class VerovioPageParser:
                     self._first_note[anc.get("id") or ""] = note
             elif cls and cls[0] == "note" and (grace_cls := self._grace_class(anc)):
                 grace[id(anc)] = grace_cls
+        contexts: dict[int, tuple] = {}             # siblings share their ancestors list: look them up once
         for el, ancestors, shape in shapes:
-            owner = self._owner(ancestors)
-            source = _classes(owner)[0] if owner is not None else "page"
-            staff_el = next((a for a in reversed(ancestors) if _classes(a)[:1] == ("staff",)), None)
-            staff = self._staff_info(staff_el, ancestors, staffs) if staff_el is not None else None
-            onset = self._onset(ancestors)
+            context = contexts.get(id(ancestors))
+            if context is None:
+                owner = self._owner(ancestors)
+                staff_el = next((a for a in reversed(ancestors) if _classes(a)[:1] == ("staff",)), None)
+                context = contexts[id(ancestors)] = (
+                    owner, _classes(owner)[0] if owner is not None else "page", staff_el,
+                    self._staff_info(staff_el, ancestors, staffs) if staff_el is not None else None,
+                    self._onset(ancestors),
+                    next((a for a in reversed(ancestors) if _classes(a)[:1] == ("note",)), None) if grace else None)
+            owner, source, staff_el, staff, onset, note_el = context
             tag = _local(el.tag)
-            note_el = next((a for a in reversed(ancestors) if _classes(a)[:1] == ("note",)), None) if grace else None
             if note_el is not None and id(note_el) in grace and source in ("note", "stem", "flag"):
                 key = id(note_el)
                 if key not in groups:

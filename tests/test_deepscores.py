@@ -240,3 +240,22 @@ def test_wanted_classes_choose_the_pages(tmp_path):
     assert not any(a[0] in classes for a in plain["pages"][0]["annotations"])
     assert wanting["pages"][0]["page"] == 2
     assert any(a[0] in classes for a in wanting["pages"][0]["annotations"])
+
+
+def test_streamed_json_matches_the_published_layout(tmp_path):
+    """The streaming writer (constant memory at any dataset size) writes what `write_deepscores_json` writes."""
+    head = dict(info=dict(description="x", year=2020), annotation_sets=["deepscores", "muscima++"],
+                categories=D.categories_json())
+    anns = [("1", dict(a_bbox=[1.0, 2.0, 3.5, 4.0], o_bbox=[1.0, 2.0, 3.0, 2.0, 3.0, 4.0, 1.0, 4.125],
+                       cat_id=["25", None], area=7, img_id="1", comments="instance:#000001;onset:0.5")),
+            ("2", dict(a_bbox=[0.0, 0.0, 1.0, 1.0], o_bbox=[], cat_id=["2", "140"], area=1, img_id="1",
+                       comments="instance:#000002"))]
+    image = dict(id=1, filename="p.png", width=10, height=20, ann_ids=["1", "2"])
+    for images, annotations in (([image], anns), ([], [])):
+        writer = D.DeepScoresWriter(tmp_path / "d.json", head)
+        for img in images:
+            writer.add(img, annotations)
+        writer.close()
+        expected = D.dumps_deepscores(dict(head, images=images, annotations=dict(annotations)))
+        assert (tmp_path / "d.json").read_text() == expected
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json"]       # no partial files left
