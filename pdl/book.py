@@ -21,7 +21,8 @@ from .runs import PROFILE_ORDER, RunRecord, execute, find_run
 log = get_logger("book")
 
 # %% auto #0
-__all__ = ['log', 'toc_chapters', 'provenance_markdown', 'tidy_notebook', 'results_dir', 'committed_run', 'publish', 'build']
+__all__ = ['log', 'toc_chapters', 'provenance_markdown', 'tidy_notebook', 'results_dir', 'committed_run', 'publish',
+           'publish_bench', 'published_benches', 'build']
 
 # %% ../notebooks/02c_book.ipynb #e346c268
 def toc_chapters(root: Path | None = None) -> list[str]:
@@ -108,6 +109,30 @@ def publish(run_id: str, root: Path | None = None) -> Path:
     if dest.exists(): shutil.rmtree(dest)
     shutil.copytree(record.dir, dest, ignore=shutil.ignore_patterns("work", "*.partial.ipynb", "*.failed.ipynb"))
     return dest
+
+
+def publish_bench(path: str | os.PathLike, root: Path | None = None) -> Path:
+    """Copy a benchmark result (`runs/bench/<name>-<time>.json`, written by `pdl bench`) into `book/bench/` for
+    committing; chapters show the published results of their benchmark (`published_benches`)."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+        ok = isinstance(record, dict) and {"benchmark", "results", "environment"} <= set(record)
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise PdlError(f"{path} is not a benchmark result", "pass a runs/bench/<name>-<time>.json file")
+    dest = (root or project_root()) / "book" / "bench" / path.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(dest, path.read_text())
+    return dest
+
+
+def published_benches(name: str, root: Path | None = None) -> list[dict]:
+    """The committed results of benchmark `name` (`book/bench/<name>-<time>.json`), oldest first, each with its
+    `file` name added."""
+    folder = (root or project_root()) / "book" / "bench"
+    return [dict(json.loads(p.read_text()), file=p.name) for p in sorted(folder.glob(f"{name}-*.json"))]
 
 
 def build(profile: str = "cpu", chapters: list[str] | None = None, root: Path | None = None,

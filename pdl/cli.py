@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
     lst = runs_sub.add_parser("list", help="completed runs, newest first"); lst.add_argument("--chapter")
     show = runs_sub.add_parser("show", help="one run's parameters, metrics and environment"); show.add_argument("run_id")
-    pub = runs_sub.add_parser("publish", help="copy a run into book/results/ so the book shows it"); pub.add_argument("run_id")
+    pub = runs_sub.add_parser("publish", help="copy a run into book/results/ (or a benchmark result file into "
+                                               "book/bench/) so the book shows it")
+    pub.add_argument("run_id", help="run id, or the path of a runs/bench/*.json benchmark result")
     book = sub.add_parser("book", help="execute uncached chapters and build the HTML book")
     book.add_argument("--profile", default="cpu", help="profile of chapters that have no committed larger run (default: cpu)")
     book.add_argument("--only", nargs="*", help="restrict to these chapters")
@@ -83,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(dict(id=r.id, chapter=r.chapter, dir=str(r.dir), seconds=r.seconds, params=r.params,
                                       metrics=metrics, environment=r.environment), indent=2, default=str))
             else:
-                from pdl.book import publish
-                print(f"published to {publish(args.run_id)}")
+                from pdl.book import publish, publish_bench
+                target = publish_bench(args.run_id) if args.run_id.endswith(".json") else publish(args.run_id)
+                print(f"published to {target}")
         elif args.command == "book":
             from pdl.book import build
             print(f"book: {build(args.profile, args.only, strict=args.strict)}")

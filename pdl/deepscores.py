@@ -269,9 +269,8 @@ def load_piece(toolkit, piece: Piece, root: Path) -> None:
             raise PdlError(f"tune {piece.tune} not found in {piece.path}")
         ok = toolkit.loadData(GeneralObjectExporter(score).parse().decode("utf-8"))
     else:
-        ok = toolkit.loadFile(str(path))
-        if not ok and (text := _utf16_musicxml(path)) is not None:
-            ok = toolkit.loadData(text)
+        text = _utf16_musicxml(path)
+        ok = toolkit.loadFile(str(path)) if text is None else toolkit.loadData(text)
     if not ok or toolkit.getPageCount() < 1:
         raise PdlError(f"verovio cannot engrave {piece.path}" + (f" (tune {piece.tune})" if piece.tune else ""))
 

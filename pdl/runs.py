@@ -236,9 +236,11 @@ def device_description() -> str:
 
 
 def environment_record() -> dict:
-    """Python, platform, key package versions, git commit and device: the provenance of a result."""
+    """Python, platform, key package versions, git commit, device and how busy it was (1-minute load average at
+    the time of the record): the provenance of a result."""
     return dict(python=sys.version.split()[0], platform=platform.platform(), packages={p: _version(p) for p in KEY_PACKAGES},
                 git=git_commit(), device=device_description(), cpu_count=os.cpu_count(),
+                load_average_1min=round(os.getloadavg()[0], 2),
                 time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
 
