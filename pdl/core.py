@@ -17,7 +17,7 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['T', 'PdlError', 'project_root', 'vendor_dir', 'cache_dir', 'runs_dir', 'atomic_path', 'atomic_write_text',
-           'seed_everything', 'get_device', 'get_logger', 'progress_enabled', 'progress']
+           'file_lock', 'seed_everything', 'get_device', 'get_logger', 'progress_enabled', 'progress']
 
 # %% ../notebooks/00_core.ipynb #645e3487
 class PdlError(Exception):
@@ -86,6 +86,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing) for the `with` block, waiting for any other process
+    that holds it: for work that several processes may start at once on the same files (a cached dataset built by
+    parallel workers). POSIX only (`fcntl.flock`); the lock is released if the process dies."""
+    import fcntl
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.getLogger("pdl.core").info("waiting for another process holding %s", path)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 # %% ../notebooks/00_core.ipynb #f597eb81
 def seed_everything(seed: int, deterministic: bool = True) -> None:

@@ -21,12 +21,13 @@ import tempfile
 import time
 import zipfile
 import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .core import PdlError, atomic_path, atomic_write_text, cache_dir, get_logger, progress
+from .core import PdlError, atomic_path, atomic_write_text, cache_dir, file_lock, get_logger, progress
 from .deepscores_render import (CATEGORIES, DS_CLASSES, DS_COLOR, DS_ID, FONTS, MUSCIMA_ID, GlyphCache,
                                    PageRaster, Symbol, VerovioPageParser, compose_page, render_text_layer,
                                    svg_shapes)
@@ -608,6 +609,13 @@ def generate(out: str | os.PathLike, pages: int = 10, fonts: list[str] | tuple[s
     if not 0 <= test_fraction < 1:
         raise PdlError(f"test_fraction must be in [0, 1), got {test_fraction}")
     out = Path(out)
+    with file_lock(out / "work" / "lock"):   # one generation per folder at a time; another one waits, then resumes
+        return _generate_in(out, pages, fonts, seed, dpi, workers, pages_per_piece, collections, test_fraction,
+                            timeout, pieces, corpus, order, show_progress, t0)
+
+
+def _generate_in(out: Path, pages, fonts, seed, dpi, workers, pages_per_piece, collections, test_fraction, timeout,
+                 pieces, corpus, order, show_progress, t0) -> GenerationReport:
     root = Path(corpus) if corpus is not None else corpus_root()
     pieces = pieces if pieces is not None else corpus_pieces(collections, root)
     plan = plan_tasks(pieces, fonts, seed, pages_per_piece, dpi, order, root)
@@ -746,8 +754,9 @@ class DeepScoresWriter:
 
     def __init__(self, path: Path, head: dict):
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".partial")
-        self.side = self.path.with_name(self.path.name + ".annotations.partial")
+        unique = f"{os.getpid()}-{random.randrange(1 << 30):08x}"            # concurrent writers never collide
+        self.tmp = self.path.with_name(f".{self.path.name}.{unique}.partial")
+        self.side = self.path.with_name(f".{self.path.name}.{unique}.annotations.partial")
         self.main, self.notes = open(self.tmp, "w"), open(self.side, "w+")
         self.main.write("{\n" + "".join(f"    {json.dumps(k)}: {_indented(v, 1)},\n" for k, v in head.items())
                         + '    "images": [')
@@ -875,6 +884,23 @@ def split_pieces(ds: DeepScores, test_fraction: float, seed: int) -> dict[str, l
             "train": sorted(i for g in order[n_test:] for i in groups[g])}
 
 
+def _build_patch_cache(cache: Path, out: Path, pages: int, max_per_class: int, seed: int, workers: int) -> None:
+    generate(out, pages=pages, seed=seed, workers=workers, test_fraction=0.0, order="rare_first", show_progress=False)
+    ds = read_deepscores(out, "train")
+    arrays: dict[str, np.ndarray] = {}
+    for s, indices in split_pieces(ds, 0.2, seed).items():
+        patches, names, sources = extract_patches(ds, max_per_class=max_per_class, seed=seed, pages=indices)
+        arrays |= {f"{s}_images": patches, f"{s}_names": np.array(names),
+                   f"{s}_groups": np.array([ds.images[i]["filename"] for i in sources])}
+    classes = [c for c in DS_CLASSES if c in set(arrays["train_names"]) | set(arrays["test_names"])]
+    index = {c: i for i, c in enumerate(classes)}
+    for s in ("train", "test"):
+        arrays[f"{s}_labels"] = np.array([index[n] for n in arrays.pop(f"{s}_names")], np.int64)
+    with atomic_path(cache) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, classes=np.array(classes), **arrays)
+
+
 def load_patches(split: str = "train", *, pages: int = 160, max_per_class: int = 400, seed: int = 0,
                  workers: int = 2) -> dict:
     """Classification patches from `pages` synthetic DeepScoresV2 pages (generated once with the pieces holding
@@ -888,23 +914,10 @@ def load_patches(split: str = "train", *, pages: int = 160, max_per_class: int =
     folder = cache_dir("deepscores")
     h, w = PATCH_SIZE
     cache = folder / f"patches-v3-{h}x{w}-p{pages}-m{max_per_class}-s{seed}.npz"
-    if not cache.exists():
-        out = folder / f"pages-v3-p{pages}-s{seed}"
-        generate(out, pages=pages, seed=seed, workers=workers, test_fraction=0.0, order="rare_first",
-                 show_progress=False)
-        ds = read_deepscores(out, "train")
-        arrays: dict[str, np.ndarray] = {}
-        for s, indices in split_pieces(ds, 0.2, seed).items():
-            patches, names, sources = extract_patches(ds, max_per_class=max_per_class, seed=seed, pages=indices)
-            arrays |= {f"{s}_images": patches, f"{s}_names": np.array(names),
-                       f"{s}_groups": np.array([ds.images[i]["filename"] for i in sources])}
-        classes = [c for c in DS_CLASSES if c in set(arrays["train_names"]) | set(arrays["test_names"])]
-        index = {c: i for i, c in enumerate(classes)}
-        for s in ("train", "test"):
-            arrays[f"{s}_labels"] = np.array([index[n] for n in arrays.pop(f"{s}_names")], np.int64)
-        with atomic_path(cache) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez_compressed(fh, classes=np.array(classes), **arrays)
+    out = folder / f"pages-v3-p{pages}-s{seed}"
+    with file_lock(folder / f"{out.name}.lock"):     # parallel callers (chapter 7's workers) build it once
+        if not cache.exists():
+            _build_patch_cache(cache, out, pages, max_per_class, seed, workers)
     with np.load(cache) as z:
         classes = [str(c) for c in z["classes"]]
         images, labels, groups = z[f"{split}_images"], z[f"{split}_labels"], z[f"{split}_groups"]
@@ -992,6 +1005,8 @@ def bench_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     keep_freed_memory()                 # as in the generation workers, for both routes of the single-process part
+    from pdl.runs import environment_record
+    environment = environment_record()  # the code and machine state at the start (save_bench records the end)
     if shutil.which("lilypond") is None or shutil.which("musicxml2ly") is None:
         print("error: the LilyPond peer needs Debian's lilypond (apt-get install lilypond)", file=sys.stderr)
         return 2
@@ -1027,6 +1042,9 @@ def bench_main(argv: list[str]) -> int:
                      n_peer, t1 - t0)
         parallel = generate(tmp / "parallel", pages=args.parallel_pages, seed=args.seed, workers=args.workers,
                             dpi=args.dpi, show_progress=False)
+        made = [p["piece"] for p in json.loads((parallel.out / "pages.json").read_text())]
+        mix = Counter(p["collection"] for p in made)        # the speed depends on the music's mix
+        tunes = sum(p["path"].endswith(".abc") for p in made) / max(len(made), 1)
     for route in (ours, peer):
         route["pages_per_second"] = route["pages"] / route["seconds"] if route["seconds"] else float("nan")
     ratio = ours["pages_per_second"] / peer["pages_per_second"] if peer["pages_per_second"] else float("nan")
@@ -1036,8 +1054,9 @@ def bench_main(argv: list[str]) -> int:
         parallel=dict(workers=args.workers, pages=sum(parallel.pages.values()), seconds=parallel.seconds,
                       pages_per_second=parallel.pages_per_second,
                       hours_for_10000_pages=10000 / parallel.pages_per_second / 3600 if parallel.seconds else None,
-                      failed=len(parallel.failed)),
-        goal_pages_per_second=10000 / 3600, cpu_count=os.cpu_count())
+                      failed=len(parallel.failed), seed=args.seed, abc_page_share=tunes,
+                      pages_per_collection=dict(mix.most_common())),
+        goal_pages_per_second=10000 / 3600, cpu_count=os.cpu_count(), environment_at_start=environment)
     path = save_bench("deepscores", results)
     print(f"ours {ours['pages_per_second']:.2f} pages/s vs LilyPond {peer['pages_per_second']:.3f} pages/s "
           f"(x{ratio:.1f}, goal x5) on {len(used)} pieces; {args.workers} workers: "
@@ -1061,7 +1080,7 @@ def why_not_produced(name: str, features: dict[str, list[str]] | None = None) ->
     features = corpus_features() if features is None else features
     absent = [f for f, (_, classes) in RARE_FEATURES.items() if name in classes and not features.get(f)]
     if absent:
-        return f"no MusicXML file of the music21 corpus has a {absent[0]}"
+        return f"none of the corpus' MusicXML files has this notation ({absent[0]})"
     return "producible; does not occur on the pages of this run"
 
 

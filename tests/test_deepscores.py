@@ -259,3 +259,28 @@ def test_streamed_json_matches_the_published_layout(tmp_path):
         expected = D.dumps_deepscores(dict(head, images=images, annotations=dict(annotations)))
         assert (tmp_path / "d.json").read_text() == expected
         assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json"]       # no partial files left
+
+
+def test_concurrent_generations_of_one_folder_wait_for_each_other(dataset, tmp_path):
+    """Two callers generating the same folder at once (chapter 7's workers building the patch cache) must not
+    corrupt it: the second waits for the lock, then reuses every record and writes the same bytes."""
+    import threading
+    src, _ = dataset
+    out, errors = tmp_path / "same", []
+
+    def run():
+        try:
+            D.generate(out, pages=3, seed=7, workers=1, pages_per_piece=1, collections=COLLECTIONS,
+                       test_fraction=0.3, show_progress=False)
+        except Exception as err:          # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for split in ("train", "test"):
+        assert (out / f"deepscores_{split}.json").read_bytes() == (src / f"deepscores_{split}.json").read_bytes()
+    assert not list(out.glob(".*.partial"))
