@@ -756,8 +756,8 @@ def text_chunks(text: ET.Element, props: dict, styles: dict) -> list[dict]:
 
 
 def page_texts(root: ET.Element, width: int, height: int) -> list[tuple[np.ndarray, list[dict], list[ET.Element]]]:
-    """Every visible `<text>` of a page as `(transform, chunks, ancestors)`: the 3 x 3 matrix from its user units to
-    page pixels, its chunks (`text_chunks`, with the font properties inherited from attributes and the page's CSS
+    """Every visible `<text>` of a page as `(transform, chunks, ancestors)`: the 2 x 3 affine matrix from its user
+    units to page pixels, its chunks (`text_chunks`, with the font properties inherited from attributes and the page's CSS
     class rules), and its enclosing elements from the root down."""
     styles = _class_styles(root)
     texts: list[tuple[np.ndarray, list[dict], list[ET.Element]]] = []
