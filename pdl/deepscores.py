@@ -610,12 +610,15 @@ def generate(out: str | os.PathLike, pages: int = 10, fonts: list[str] | tuple[s
         raise PdlError(f"test_fraction must be in [0, 1), got {test_fraction}")
     out = Path(out)
     with file_lock(out / "work" / "lock"):   # one generation per folder at a time; another one waits, then resumes
-        return _generate_in(out, pages, fonts, seed, dpi, workers, pages_per_piece, collections, test_fraction,
-                            timeout, pieces, corpus, order, show_progress, t0)
+        return _generate_in(out, pages=pages, fonts=fonts, seed=seed, dpi=dpi, workers=workers,
+                            pages_per_piece=pages_per_piece, collections=collections, test_fraction=test_fraction,
+                            timeout=timeout, pieces=pieces, corpus=corpus, order=order, show_progress=show_progress,
+                            t0=t0)
 
 
-def _generate_in(out: Path, pages, fonts, seed, dpi, workers, pages_per_piece, collections, test_fraction, timeout,
-                 pieces, corpus, order, show_progress, t0) -> GenerationReport:
+def _generate_in(out: Path, *, pages, fonts, seed, dpi, workers, pages_per_piece, collections, test_fraction,
+                 timeout, pieces, corpus, order, show_progress, t0) -> GenerationReport:
+    """The body of `generate`, run while holding the folder's lock."""
     root = Path(corpus) if corpus is not None else corpus_root()
     pieces = pieces if pieces is not None else corpus_pieces(collections, root)
     plan = plan_tasks(pieces, fonts, seed, pages_per_piece, dpi, order, root)
@@ -780,6 +783,13 @@ class DeepScoresWriter:
         os.replace(self.tmp, self.path)
         return self.path
 
+    def abort(self) -> None:
+        """Drop the partial document; an earlier complete one at `path` stays."""
+        self.main.close()
+        self.notes.close()
+        self.tmp.unlink(missing_ok=True)
+        self.side.unlink(missing_ok=True)
+
 
 def _assemble(out: Path, plan: list[EngraveTask], records: dict[int, dict], pages: int, seed: int,
               config: dict) -> dict[str, int]:
@@ -815,8 +825,7 @@ def _assemble(out: Path, plan: list[EngraveTask], records: dict[int, dict], page
                                  symbols=len(page["annotations"]), split=split))
     except BaseException:
         for w in writers.values():
-            w.main.close(); w.notes.close()
-            w.tmp.unlink(missing_ok=True); w.side.unlink(missing_ok=True)
+            w.abort()
         raise
     for folder, suffix in (("images", ""), ("segmentation", "_seg"), ("instance", "_inst")):
         for f in (out / folder).glob("*.png") if (out / folder).exists() else []:
