@@ -5,6 +5,7 @@ import signal
 import subprocess
 import time
 
+import nbformat
 import pytest
 
 from conftest import PDL, REPO, pdl_cli
@@ -117,3 +118,79 @@ def test_failing_notebook_keeps_its_state_and_says_where(toy_project):
 def test_unknown_chapter_lists_chapters(toy_project):
     result = pdl_cli("run", "99_nothing")
     assert result.returncode == 2 and "01_toy" in result.stderr
+
+
+# --- run ids follow every import form into subpackages ---------------------------------------------------------
+
+FAKE_PACKAGE = {
+    "__init__.py": "",
+    "core.py": "X = 1\n",
+    "runs.py": "from .core import X\n",
+    "train.py": "from pdl.core import X\n",
+    "unrelated.py": "Y = 2\n",
+    "omr/__init__.py": "",
+    "omr/render.py": "from ..train import fit\nfrom .boxes import iou\n",
+    "omr/boxes.py": "def iou(): pass\n",
+    "omr/patches.py": "from . import render\n",
+    "omr/engrave.py": "E = 3\n",
+    "models/__init__.py": "",
+    "models/core.py": "M = 1\n",
+    "models/anynet.py": "from .core import M\n",
+}
+
+CHAPTER_SOURCES = {
+    "from_submodule": "from pdl.omr.render import fit",
+    "import_dotted": "import pdl.omr.render as r",
+    "from_package_import_module": "from pdl.omr import render",
+    "loader_string": 'register("patches", "pdl.omr.render:load_patches")',
+}
+
+
+def _fake_project(tmp_path, source):
+    package = tmp_path / "pdl"
+    for rel, text in FAKE_PACKAGE.items():
+        (package / rel).parent.mkdir(parents=True, exist_ok=True)
+        (package / rel).write_text(text)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(source)]
+    nbformat.write(nb, tmp_path / "99_chapter.ipynb")
+    return package, tmp_path / "99_chapter.ipynb"
+
+
+@pytest.mark.parametrize("form", sorted(CHAPTER_SOURCES))
+@pytest.mark.parametrize("edited, changes", [
+    ("omr/render.py", True),        # the module the chapter imports
+    ("omr/boxes.py", True),         # imported by it, relatively (`from .boxes import`)
+    ("train.py", True),             # two levels up (`from ..train import`)
+    ("core.py", True),              # always part of a run
+    ("omr/__init__.py", True),      # Python runs it on the way to omr.render
+    ("omr/engrave.py", False),      # same subpackage, not used
+    ("unrelated.py", False),
+    ("models/anynet.py", False),
+])
+def test_run_id_follows_imports_into_subpackages(tmp_path, form, edited, changes):
+    from pdl.runs import _code_digest
+    package, nb = _fake_project(tmp_path, CHAPTER_SOURCES[form])
+    before = _code_digest(nb, package)
+    (package / edited).write_text((package / edited).read_text() + "\n# edited\n")
+    assert (_code_digest(nb, package) != before) == changes
+
+
+def test_importing_a_whole_package_depends_on_all_of_it(tmp_path):
+    from pdl.runs import _code_digest
+    package, nb = _fake_project(tmp_path, "from pdl import omr")
+    before = _code_digest(nb, package)
+    (package / "omr/engrave.py").write_text("E = 4\n")
+    assert _code_digest(nb, package) != before
+
+
+def test_chapter_prefixes_resolve_to_chapters_not_library_notebooks(toy_project):
+    lib = toy_project / "notebooks" / "lib"
+    lib.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("#| default_exp core")]
+    nbformat.write(nb, lib / "01_core.ipynb")
+    nbformat.write(nb, toy_project / "notebooks" / "01a_helpers.ipynb")   # no parameters cell: not a chapter
+    from pdl.runs import chapters, notebook_path
+    assert chapters() == ["01_toy"]
+    assert notebook_path("01").name == notebook_path("1").name == "01_toy.ipynb"
