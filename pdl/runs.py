@@ -26,7 +26,7 @@ import yaml
 from .core import PdlError, atomic_path, atomic_write_text, get_logger, progress_enabled, project_root, runs_dir
 
 log = get_logger("runs")
-PROFILE_ORDER = ("smoke", "cpu", "gpu")
+PROFILE_ORDER = ("smoke", "cpu", "gpu", "full")   # smallest to largest: the book shows the largest committed run
 
 # %% auto #0
 __all__ = ['log', 'PROFILE_ORDER', 'KEY_PACKAGES', 'notebooks_dir', 'chapters', 'notebook_path', 'Parameter',
@@ -253,7 +253,7 @@ def environment_record() -> dict:
                 load_average_1min=round(os.getloadavg()[0], 2),
                 time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
-
+# %% ../notebooks/lib/01_runs.ipynb #d3374213
 _SPEC = re.compile(r"(pdl(?:\.\w+)+)(?::\w+)?")   # "pdl.omr.patches:load_patches", a module named by string
 
 
@@ -297,7 +297,7 @@ def _import_candidates(tree: ast.AST, package: str):
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and (m := _SPEC.fullmatch(node.value)):
             yield [m.group(1)]
 
-
+# %% ../notebooks/lib/01_runs.ipynb #d4225a96
 def module_file(name: str, package_dir: Path) -> Path | None:
     """The file of the dotted module `name` (`pdl.omr.render` -> `<package_dir>/omr/render.py`; a package ->
     its `__init__.py`), or None when `name` is not a module of the package in `package_dir`."""
@@ -349,7 +349,7 @@ def pdl_imports(source: str, module: str | None = None, package_dir: Path | None
             break
     return found
 
-
+# %% ../notebooks/lib/01_runs.ipynb #50290613
 def _code_digest(nb_path: Path, package_dir: Path | None = None) -> str:
     """Hash of the notebook's cell sources and of the library modules it uses, followed transitively
     (outputs, metadata and unrelated modules ignored: editing chapter 3 does not invalidate chapter 8's runs)."""

@@ -71,6 +71,59 @@ def toy_project(tmp_path, monkeypatch):
     return tmp_path
 
 
+TOY_LIBRARY = [
+    "# Toy library\n\n> A library page for the tiny book.",
+    "#| default_exp core",
+    "#| export\ndef double(x: int) -> int:\n    \"\"\"Twice `x`.\"\"\"\n    return 2 * x",
+    "A visible example:",
+    "double(21)",
+    "#| hide\nassert double(2) == 4",
+]
+
+
+def make_toy_library(path: Path) -> Path:
+    """A library notebook exporting (pretend) `pdl.core`: prose, an exported function, an example, a hidden test."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell(t) if i in (0, 3) else nbformat.v4.new_code_cell(t)
+                for i, t in enumerate(TOY_LIBRARY)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def executed_toy_book(tmp_path_factory):
+    """A tiny book project whose chapter (smoke) and library page were executed once for the whole session."""
+    root = tmp_path_factory.mktemp("toy_book")
+    (root / "settings.ini").write_text("[DEFAULT]\nlib_name = pdl\n")
+    (root / "notebooks").mkdir()
+    make_toy_notebook(root / "notebooks" / "01_toy.ipynb")
+    make_toy_library(root / "notebooks" / "lib" / "00_toy.ipynb")
+    shutil.copy(REPO / "_config.yml", root / "_config.yml")
+    (root / "book").mkdir()
+    (root / "book" / "intro.md").write_text("# Intro\n\nA tiny book.\n")
+    (root / "_toc.yml").write_text("format: jb-book\nroot: book/intro\nparts:\n"
+                                   "  - caption: Chapters\n    chapters:\n      - file: book/chapters/01_toy\n"
+                                   "  - caption: Library\n    chapters:\n      - file: book/lib/00_toy\n")
+    env = {"PDL_ROOT": str(root), "PDL_PROGRESS": "0", "PDL_RUNS_DIR": "", "PDL_CACHE_DIR": ""}
+    result = pdl_cli("run", "01_toy", env=env, cwd=root)
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+@pytest.fixture
+def book_project(executed_toy_book, tmp_path, monkeypatch):
+    """A private copy of the executed tiny book project (its run is stored: no chapter executes again)."""
+    root = tmp_path / "book_project"
+    shutil.copytree(executed_toy_book, root)
+    monkeypatch.setenv("PDL_ROOT", str(root))
+    monkeypatch.setenv("PDL_PROGRESS", "0")
+    for var in ("PDL_RUNS_DIR", "PDL_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    return root
+
+
 def pdl_cli(*args, env=None, timeout=300, **kwargs) -> subprocess.CompletedProcess:
     """Run the `pdl` command in a subprocess."""
     return subprocess.run(PDL + list(args), capture_output=True, text=True, timeout=timeout,

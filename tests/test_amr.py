@@ -1,6 +1,11 @@
-"""Artificial mental rotation (pdl.amr): rotation, masking, attaching to unmodified torchvision models,
-frozen-base training, inference API, bad input, benchmark entry point."""
+"""Artificial mental rotation (pdl.amr), the checks too heavy or too many for the chapter notebook: rotation
+against OpenCV for every interpolation and on uint8, bad input, attaching to unmodified torchvision models of
+every family, frozen-base training, checkpointed training, angle sweeps, the benchmark entry point.
+
+The small examples (angle labels, the rotation direction, quarter turns, the mask, gradients reaching only the
+head, budgets, breakpoints, `RotationBatchFn` targets) are shown and checked in `notebooks/08_amr.ipynb`."""
 import json
+import logging
 import math
 
 import numpy as np
@@ -10,10 +15,12 @@ import torchvision
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from pdl.amr import (AMR, ARCHITECTURES, NUM_ANGLE_CLASSES, RotationBatch, angle_to_label, angular_distance,
-                     bench_main, breakpoint_share, budget_config, build_base, circle_mask, default_taps,
-                     label_to_angle, mask_circle, rotate, rotate_cv2, rotate_cv2_batch, sweep_angles, train_amr)
+from pdl.amr import (AMR, RotationBatchFn, breakpoint_share, budget_config, circle_mask, default_taps,
+                     label_to_angle, mask_circle, rotate, rotate_cv2, rotate_cv2_batch, sweep_angles, train_amr,
+                     train_or_load)
+from pdl.bench.amr import bench_main
 from pdl.core import PdlError
+from pdl.models.core import create_model
 from pdl.train import TrainConfig, overfit_batch
 
 torch.set_num_threads(1)
@@ -26,7 +33,7 @@ def images():
 
 # ---------------------------------------------------------------- rotation and masking
 
-@pytest.mark.parametrize("interpolation", ["bilinear", "nearest", "bicubic"])
+@pytest.mark.parametrize("interpolation", ["nearest", "bicubic"])   # bilinear: in the notebook
 def test_torch_rotation_matches_opencv(images, interpolation):
     angles = torch.tensor([0.0, 13.0, 90.0, 181.5, 299.0])
     ours = rotate(images, angles, interpolation=interpolation)
@@ -43,43 +50,17 @@ def test_torch_rotation_matches_opencv_on_uint8(images):
     assert np.abs(ours - ref).max() <= 3 and np.abs(ours - ref).mean() < 0.5
 
 
-def test_rotation_direction_and_exact_quarter_turns():
-    square = torch.rand(2, 1, 11, 11)
-    assert torch.allclose(rotate(square, 90.0, mask=False), torch.rot90(square, 1, dims=(-2, -1)), atol=1e-5)
-    assert torch.allclose(rotate(square, 180.0, mask=False), torch.rot90(square, 2, dims=(-2, -1)), atol=1e-5)
-    assert torch.allclose(rotate(square, 0.0, mask=False), square, atol=1e-5)
-    arrow = torch.zeros(1, 1, 11, 11)
-    arrow[..., 5, 6:] = 1                               # pointing right
-    turned = rotate(arrow, 90.0)                        # positive = counter-clockwise: now pointing up
-    assert turned[0, 0, :5, 5].sum() > 4 and turned[0, 0, 5, 6:].sum() < 0.5
-
-
 def test_rotation_there_and_back_is_close_inside_the_disc(images):
     back = rotate(rotate(images, 37.0), -37.0)
     inner = ((torch.arange(24)[:, None] - 11.5) ** 2 + (torch.arange(30)[None] - 14.5) ** 2) < 8 ** 2
     assert (back - images)[..., inner].abs().mean() < 0.15
 
 
-def test_mask_circle_torch_and_numpy():
+def test_rotation_output_is_zero_outside_the_disc():
     mask = circle_mask(8, 12)
-    assert mask.shape == (8, 12) and mask[3:5, 4:8].all() and not mask[0, 0] and not mask[7, 11]
-    x = torch.ones(2, 3, 8, 12)
-    out = mask_circle(x)
-    assert torch.equal(out[0, 0], mask.float()) and out.shape == x.shape
-    arr = np.full((8, 12, 3), 200, np.uint8)
-    masked = mask_circle(arr)
-    assert masked.dtype == np.uint8 and masked[0, 0].tolist() == [0, 0, 0] and masked[4, 6].tolist() == [200] * 3
+    assert torch.equal(mask_circle(torch.ones(2, 3, 8, 12))[0, 0], mask.float())
     rotated = rotate(torch.ones(1, 1, 16, 16), 33.0)
-    assert rotated[..., ~circle_mask(16, 16)].abs().max() == 0
-
-
-def test_angle_labels_round_trip():
-    labels = torch.arange(NUM_ANGLE_CLASSES)
-    assert torch.equal(angle_to_label(label_to_angle(labels)), labels)
-    assert angle_to_label([359.7, -0.4, -90, 450]).tolist() == [0, 0, 270, 90]
-    assert angular_distance(torch.tensor([1.0, 359.0]), torch.tensor([359.0, 1.0])).tolist() == [2.0, 2.0]
-    with pytest.raises(PdlError):
-        label_to_angle(torch.tensor([360]))
+    assert rotated[..., ~circle_mask(16, 16)].abs().max() == 0 and rotated[..., 8, 8].item() == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------- bad input
@@ -92,12 +73,13 @@ def test_angle_labels_round_trip():
     lambda: rotate(torch.rand(2, 1, 8, 8), 3.0, interpolation="area"),
     lambda: rotate_cv2(torch.rand(3, 8, 8), 3.0),                    # tensor instead of H x W x C array
     lambda: mask_circle(torch.tensor(1.0)),
-    lambda: build_base("alexnet"),
-    lambda: build_base("resnet18", stem="tiny"),
+    lambda: label_to_angle(torch.tensor([360])),                    # labels are 0..359
+    lambda: create_model("resnet18", stem="tiny"),
     lambda: default_taps(nn.Sequential(nn.Conv2d(3, 3, 3))),
     lambda: AMR(nn.Sequential(nn.Conv2d(3, 3, 3))),
     lambda: AMR(torchvision.models.resnet18(num_classes=3), taps=["layer9"], input_size=32),
-    lambda: RotationBatch("colour"),
+    lambda: RotationBatchFn("colour"),
+    lambda: RotationBatchFn("angle", angles=[]),
     lambda: budget_config(TrainConfig(), 0.0, 10),
 ])
 def test_bad_input_raises_pdl_error(bad):
@@ -105,15 +87,8 @@ def test_bad_input_raises_pdl_error(bad):
         bad()
 
 
-def test_unsupported_architecture_message_lists_choices():
-    with pytest.raises(PdlError) as err:
-        build_base("vgg16")
-    assert "vgg16" in str(err.value) and "resnet50" in str(err.value) and "hint" in str(err.value)
-    assert "efficientnet_b0" in ARCHITECTURES and "vit_b_16" in ARCHITECTURES
-
-
 def test_amr_rejects_wrong_tensor_shapes():
-    amr = AMR(build_base("resnet18", 3, width_mult=0.125), input_size=32, widths=(4, 4, 8, 8, 8))
+    amr = AMR(create_model("resnet18", num_classes=3, width_mult=0.125), input_size=32, widths=(4, 4, 8, 8, 8))
     for bad in (torch.rand(3, 32, 32), torch.zeros(1, 3, 32, 32, dtype=torch.uint8), np.zeros((1, 3, 32, 32))):
         with pytest.raises(PdlError):
             amr(bad)
@@ -130,7 +105,7 @@ def _fresh(name: str) -> tuple[nn.Module, int]:
         return torchvision.models.resnet50(num_classes=5), 64
     if name == "efficientnet_b0":
         return torchvision.models.efficientnet_b0(num_classes=5), 64
-    return build_base("vit_tiny", 5, image_size=32, width_mult=0.25), 32
+    return create_model("vit_tiny", num_classes=5, image_size=32, width_mult=0.25), 32
 
 
 @pytest.mark.parametrize("name", ["resnet50", "efficientnet_b0", "vit_tiny"])
@@ -169,8 +144,8 @@ def test_default_taps_follow_the_published_code():
 
 
 def test_amr_with_user_weights_and_normalisation():
-    base = build_base("resnet18", 4, width_mult=0.125)
-    trained = build_base("resnet18", 4, width_mult=0.125)
+    base = create_model("resnet18", num_classes=4, width_mult=0.125)
+    trained = create_model("resnet18", num_classes=4, width_mult=0.125)
     base.load_state_dict(trained.state_dict())                         # weights are passed in, never downloaded
     amr = AMR(base, input_size=32, widths=(4, 4, 8, 8, 8), mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
     x = torch.rand(3, 3, 32, 32)
@@ -181,38 +156,31 @@ def test_amr_with_user_weights_and_normalisation():
 
 def test_amr_head_learns_angles():
     torch.manual_seed(0)
-    amr = AMR(build_base("resnet18", 4, width_mult=0.125), input_size=32, widths=(8, 8, 16, 16, 16))
-    x, y = RotationBatch("angle")((torch.rand(16, 3, 32, 32), torch.zeros(16, dtype=torch.long)), torch.device("cpu"))
-    before = _snapshot(amr.base)
+    amr = AMR(create_model("resnet18", num_classes=4, width_mult=0.125), input_size=32, widths=(8, 8, 16, 16, 16))
+    x, y = RotationBatchFn("angle")((torch.rand(16, 3, 32, 32), torch.zeros(16, dtype=torch.long)), torch.device("cpu"))
     losses = overfit_batch(amr, x, y, steps=40, lr=3e-3, device="cpu")
     assert losses[-1] < 0.5 * losses[0]
-    assert all(torch.equal(v, amr.base.state_dict()[k]) for k, v in before.items())
 
 
 # ---------------------------------------------------------------- training helpers, evaluation, benchmark
 
-def test_rotation_batch_targets():
-    x = torch.rand(6, 1, 16, 16)
-    y = torch.arange(6)
-    upright, labels = RotationBatch("class", angles=[0])((x, y), torch.device("cpu"))
-    assert torch.equal(labels, y) and torch.allclose(upright, mask_circle(x), atol=1e-5)
-    rotated, angle_labels = RotationBatch("angle", angles=[90])((x, y), torch.device("cpu"))
-    assert angle_labels.tolist() == [90] * 6 and torch.allclose(rotated, rotate(x, 90.0), atol=1e-6)
+@pytest.mark.parametrize("epochs, fraction, steps_per_epoch", [(20, 1 / 3, 30), (20, 1 / 20, 30), (30, 1 / 3, 7),
+                                                                (1, 1 / 20, 5), (6, 1.0, 50)])
+def test_budget_config_stays_within_a_step_per_epoch_of_the_budget(epochs, fraction, steps_per_epoch):
+    cfg = budget_config(TrainConfig(epochs=epochs), fraction, steps_per_epoch)
+    budget = max(1, round(epochs * steps_per_epoch * fraction))                       # at least one step
+    assert cfg.max_steps_per_epoch <= steps_per_epoch
+    assert 0 <= cfg.epochs * cfg.max_steps_per_epoch - budget < cfg.epochs
 
 
-def test_budget_config_and_breakpoints():
-    cfg = TrainConfig(epochs=20)
-    long, short = budget_config(cfg, 1 / 3, 30), budget_config(cfg, 1 / 20, 30)
-    assert abs(long.epochs * long.max_steps_per_epoch - 200) <= long.epochs and long.max_steps_per_epoch <= 30
-    assert (short.epochs, short.max_steps_per_epoch) == (1, 30)
-    assert budget_config(TrainConfig(epochs=1), 1 / 20, 5).max_steps_per_epoch == 1     # at least one step
+def test_breakpoint_on_the_thesis_resnet50_numbers():
+    # thesis Table 8.3, ResNet-50: upright 74.6 / 50.7, AMR 67.4 / 66.4 (up / rot)
     assert math.isclose(breakpoint_share(0.746, 0.507, 0.674, 0.664), 0.072 / (0.157 + 0.072))
-    assert breakpoint_share(0.5, 0.5, 0.6, 0.6) == 0.0 and math.isnan(breakpoint_share(0.7, 0.5, 0.6, 0.4))
 
 
 def test_sweep_angles_base_and_amr():
     torch.manual_seed(0)
-    base = build_base("resnet18", 3, width_mult=0.125)
+    base = create_model("resnet18", num_classes=3, width_mult=0.125)
     data = TensorDataset((torch.rand(7, 3, 32, 32) * 255).to(torch.uint8), torch.randint(0, 3, (7,)))
     table = sweep_angles(base, data, [0, 45, 90], batch_size=4, device="cpu")
     assert table["angle"].tolist() == [0.0, 45.0, 90.0] and (table["n"] == 7).all()
@@ -230,7 +198,25 @@ def test_bench_main_saves_ratios(tmp_path, monkeypatch, capsys):
     [path] = (tmp_path / "bench").glob("amr-*.json")
     record = json.loads(path.read_text())
     result = record["results"]["runs"][0]
-    assert result["angles"] == 3 and result["sweep_speedup"] > 0 and result["amr_cost_ratio"] > 1
+    assert result["angles"] == 3 and result["sweep_speedup"] > 0 and result["amr_cost_ratio"] > 0   # no timing thresholds
     assert "AMR inference / base forward" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench_main(["--arch", "alexnet"])
+
+
+def test_train_or_load_trains_once_and_rebuilds_an_unreadable_checkpoint(tmp_path, caplog):
+    calls = []
+    model = nn.Linear(3, 2)
+
+    def train():
+        calls.append(1)
+        nn.init.constant_(model.weight, 0.5)
+
+    train_or_load(tmp_path / "m.pt", model, train, device="cpu")
+    fresh = nn.Linear(3, 2)
+    train_or_load(tmp_path / "m.pt", fresh, lambda: calls.append(2), device="cpu")
+    assert calls == [1] and torch.equal(fresh.weight, torch.full((2, 3), 0.5))
+    (tmp_path / "m.v1.pt").write_bytes(b"not a checkpoint")
+    with caplog.at_level(logging.WARNING, logger="pdl.core"):
+        train_or_load(tmp_path / "m.pt", nn.Linear(3, 2), lambda: calls.append(3), device="cpu")
+    assert calls == [1, 3] and "unreadable" in caplog.text

@@ -1,4 +1,4 @@
-"""Chapter 7: AnyNetX design space and the architecture-performance (APR) population runner."""
+"""Chapter 7: AnyNetX design space, training (architecture, dataset) pairs and the APR analysis."""
 import json
 
 import numpy as np
@@ -9,9 +9,11 @@ from scipy import stats
 from torch import nn
 
 import pdl.apr as apr
-from pdl.anynet import (AnyNetConfig, ComplexityBand, SampledArchitecture, analytic_macs, band_for, count_complexity,
-                        sample_population)
+import pdl.stats
 from pdl.core import PdlError
+from pdl.models.anynet import (AnyNetConfig, ComplexityBand, SampledArchitecture, analytic_macs, band_for,
+                               count_complexity, sample_population)
+from pdl.sweep import run_tasks
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +73,7 @@ def test_impossible_band_is_a_clear_error():
         band_for(32, scale=-1)
 
 
-# --- the runner -------------------------------------------------------------------------------------------------
+# --- training pairs (the runner itself is tested in test_sweep.py) -----------------------------------------------
 
 def _tiny_tasks():
     population, _ = sample_population(3, seed=0, input_size=16, scale=0.5)
@@ -81,44 +83,35 @@ def _tiny_tasks():
     return apr.make_tasks(population, datasets, recipe)
 
 
-def test_runner_resumes_without_recomputing_or_duplicating(tmp_path, monkeypatch):
+def test_pairs_train_through_the_sweep_into_one_row_each(tmp_path):
     tasks = _tiny_tasks()
-    calls = []
-    real_train_pair = apr.train_pair
-
-    def counting(task, device=None):
-        calls.append(task.key)
-        if len(calls) == 4 and not hasattr(counting, "interrupted"):
-            counting.interrupted = True
-            raise KeyboardInterrupt     # killed while training the 4th pair
-        return real_train_pair(task, device)
-
-    monkeypatch.setattr(apr, "train_pair", counting)
-    first = apr.run_pairs(tasks, tmp_path, limit=2)
-    assert (first.trained, first.remaining) == (2, len(tasks) - 2)
-    (tmp_path / "pairs" / "digits" / ".half-written.json.tmp").write_text("{")   # debris of a killed write
-    with pytest.raises(KeyboardInterrupt):
-        apr.run_pairs(tasks, tmp_path)
-    assert len(calls) == 4 and len(apr.gather_results(tasks, tmp_path)) == 3
-    calls.clear()
-    second = apr.run_pairs(tasks, tmp_path)
-    assert second.done_before == 3 and second.trained == len(tasks) - 3 == len(calls)
-    calls.clear()
-    third = apr.run_pairs(tasks, tmp_path)
-    assert third.trained == 0 and calls == []
+    summary = run_tasks(tasks, apr.train_pair, tmp_path)
+    assert (summary.trained, summary.backend) == (len(tasks), "serial")
     table = apr.gather_results(tasks, tmp_path)
     assert len(table) == len(tasks) and not table.duplicated(["arch", "dataset", "repeat"]).any()
-    assert not list(tmp_path.glob("pairs/*/.*.tmp"))
+    assert list(table.task_key) == [t.key for t in tasks]
     assert set(table.num_classes) == {10, 2} and table.top1_err.between(0, 1).all()
     assert table.loc[table.num_classes == 2, "top5_err"].isna().all()
+    assert table.loc[table.num_classes == 10, "top5_err"].between(0, 1).all()
+    again = apr.train_pair(tasks[0])          # same task, same seed: the same record
+    assert again["top1_err"] == table.top1_err.iloc[0] and again["train_loss"] == table.train_loss.iloc[0]
 
 
 def test_changed_recipe_is_not_served_from_old_results(tmp_path):
     tasks = _tiny_tasks()[:1]
-    apr.run_pairs(tasks, tmp_path)
-    changed = [apr.PairTask(t.arch, t.dataset, apr.Recipe(**{**t.recipe.to_dict(), "lr": 0.01}), t.epochs) for t in tasks]
-    assert apr.read_result(changed[0], tmp_path) is None
-    assert apr.run_pairs(changed, tmp_path).trained == 1
+    run_tasks(tasks, apr.train_pair, tmp_path)
+    changed = [apr.PairTask(t.arch, t.dataset, t.recipe.replace(lr=0.01), t.epochs) for t in tasks]
+    assert changed[0].key != tasks[0].key
+    assert len(apr.gather_results(changed, tmp_path)) == 0
+    assert run_tasks(changed, apr.train_pair, tmp_path).trained == 1
+
+
+def test_recipe_is_the_train_config_that_fit_receives():
+    recipe = apr.Recipe(lr=0.02, weight_decay=0.0, batch_size=8, min_steps=30, seed=5)
+    assert isinstance(recipe, apr.TrainConfig)
+    assert recipe.replace(epochs=4).to_dict() == {**recipe.to_dict(), "epochs": 4}
+    task = apr.PairTask(_tiny_tasks()[0].arch, "digits", recipe, 2)
+    assert apr._pair_epochs(task, 80) == (3, 10)        # 80 images / batch 8 = 10 steps; 30 steps need 3 epochs
 
 
 # --- analysis ---------------------------------------------------------------------------------------------------
@@ -155,11 +148,30 @@ def test_reported_rho_equals_scipy_on_the_saved_table(tmp_path):
     assert rhos.loc["mnist", "dogs"] == pytest.approx(stats.spearmanr(wide["mnist"], wide["dogs"]).statistic)
 
 
-def test_bootstrap_matches_spearman_on_the_identity_resample():
+def test_bootstrap_equals_spearman_on_the_identity_resample(monkeypatch):
+    """With every resample forced to be the identity (each row once), every bootstrap rho equals scipy's."""
     matrix = _synthetic_results().pivot(index="arch", columns="label", values="top1_err")
-    boot = apr.bootstrap_rhos(matrix, [("mnist", "fonts")], n_boot=500, seed=1)
+    matrix.iloc[[2, 7], 0] = np.nan                 # a diverged run is left out pairwise
+
+    class Identity:
+        def integers(self, low, high, size):
+            return np.tile(np.arange(high), (size[0], 1))
+
+    monkeypatch.setattr(pdl.stats.np.random, "default_rng", lambda seed: Identity())
+    pairs = [("mnist", "fonts"), ("dogs", "fonts-2"), (matrix.columns[0], "mnist")]
+    boot = pdl.stats.bootstrap_rhos(matrix, pairs, n_boot=4)
+    for j, (a, b) in enumerate(pairs):
+        ok = matrix[a].notna() & matrix[b].notna()
+        expected = stats.spearmanr(matrix.loc[ok, a], matrix.loc[ok, b]).statistic
+        assert boot[:, j] == pytest.approx(np.full(4, expected), abs=1e-12)
+
+
+def test_bootstrap_intervals_contain_the_point_estimate():
+    matrix = _synthetic_results().pivot(index="arch", columns="label", values="top1_err")
+    boot = pdl.stats.bootstrap_rhos(matrix, [("mnist", "fonts")], n_boot=500, seed=1)
     point = stats.spearmanr(matrix["mnist"], matrix["fonts"]).statistic
-    assert boot.shape == (500, 1) and np.nanmin(boot) <= point <= np.nanmax(boot)
+    low, high = pdl.stats.percentile_interval(boot[:, 0], 0.95)
+    assert boot.shape == (500, 1) and low < point < high
 
 
 # --- bad input --------------------------------------------------------------------------------------------------
@@ -173,8 +185,8 @@ def test_unknown_dataset_and_bad_specs_are_clear_errors():
         apr.DatasetSpec.parse("fonts:size=10:c=5")
     with pytest.raises(PdlError, match="invalid Recipe"):
         apr.Recipe(epochs=0)
-    with pytest.raises(PdlError, match="unknown backend"):
-        apr.run_pairs([], "/tmp", backend="mpi")
+    with pytest.raises(PdlError, match="invalid Recipe: .*input_size must be >= 8"):
+        apr.Recipe(input_size=4)
     with pytest.raises(PdlError, match="unknown metric"):
         apr.error_matrix(_synthetic_results(), metric="top3")
     with pytest.raises(PdlError, match="epochs_by_dataset"):

