@@ -10,7 +10,9 @@ import dataclasses
 import functools
 import json
 import os
+import pickle
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ log = get_logger("sweep")
 
 # %% auto #0
 __all__ = ['log', 'BACKENDS', 'Task', 'result_path', 'read_result', 'read_results', 'write_result', 'RunnerSummary',
-           'start_local_ray', 'run_tasks']
+           'worker_start_method', 'start_local_ray', 'run_tasks']
 
 # %% ../notebooks/lib/21_sweep.ipynb #be8c534d
 class Task(Protocol):
@@ -125,36 +127,71 @@ def _drive(todo: Sequence[Task], budget: int, workers: int, submit: Callable, wa
                        "finished tasks are kept; fix the cause and run again to resume") from error
 
 # %% ../notebooks/lib/21_sweep.ipynb #1eaea666
-def _init_worker(threads: int) -> None:
+_INITIALIZED: set[bytes] = set()    # the initializers this process has run (a forked worker inherits the driver's)
+
+
+def _run_once(initializer: Callable[[], Any] | None) -> None:
+    """Run `initializer` unless this process has already run an equal one (compared by its pickle)."""
+    if initializer is None:
+        return
+    token = pickle.dumps(initializer)
+    if token not in _INITIALIZED:
+        initializer()
+        _INITIALIZED.add(token)
+
+
+def _prepare_worker(threads: int) -> None:
+    """Turn this process into a worker: `threads` torch threads, no progress bars (they would garble the driver's)."""
     torch.set_num_threads(threads)
-    os.environ["PDL_PROGRESS"] = "0"     # in a worker process only: its bars would garble the driver's output
+    os.environ["PDL_PROGRESS"] = "0"
 
 
-def _call_in_worker(fn: Callable, task: Task, threads: int) -> Any:
-    _init_worker(threads)
+def _call_in_worker(fn: Callable, task: Task, threads: int, initializer: Callable | None = None) -> Any:
+    _prepare_worker(threads)
+    _run_once(initializer)
     return fn(task)
 
-# %% ../notebooks/lib/21_sweep.ipynb #62df2dfe
-def _run_serial(todo: Sequence[Task], budget: int, fn: Callable, finish: Callable, threads: int) -> None:
+# %% ../notebooks/lib/21_sweep.ipynb #e076e0af
+def _run_serial(todo: Sequence[Task], budget: int, fn: Callable, finish: Callable, threads: int,
+                initializer: Callable | None) -> None:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        _run_once(initializer)
         _drive(todo, budget, 1, submit=lambda task: functools.partial(fn, task), wait_any=lambda handles: handles,
                result=lambda call: call(), finish=finish, where="")
     finally:
         torch.set_num_threads(previous)
 
-# %% ../notebooks/lib/21_sweep.ipynb #e076e0af
+# %% ../notebooks/lib/21_sweep.ipynb #6630faf3
+def worker_start_method(threads: int) -> str:
+    """'fork' where forked workers are safe (Linux, one torch thread each, no CUDA or Ray in this process), else 'spawn'."""
+    ray = sys.modules.get("ray")
+    ray_here = ray is not None and getattr(ray, "is_initialized", lambda: False)()
+    safe = sys.platform.startswith("linux") and threads == 1 and not torch.cuda.is_initialized() and not ray_here
+    return "fork" if safe else "spawn"
+
+# %% ../notebooks/lib/21_sweep.ipynb #2448a5f8
+def _stop_workers(pool) -> None:
+    """Terminate the worker processes of a `ProcessPoolExecutor` (the standard library has no public way before 3.14)."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            process.terminate()
+
+
 def _run_processes(todo: Sequence[Task], budget: int, fn: Callable, finish: Callable, workers: int,
-                   threads: int) -> None:
+                   threads: int, initializer: Callable | None) -> None:
     import concurrent.futures as cf
     import multiprocessing
-    pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                  initializer=_init_worker, initargs=(threads,))
+    context = multiprocessing.get_context(worker_start_method(threads))
+    pool = cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_prepare_worker, initargs=(threads,))
     try:
-        _drive(todo, budget, workers, submit=lambda t: pool.submit(_call_in_worker, fn, t, threads),
+        _drive(todo, budget, workers, submit=lambda t: pool.submit(_call_in_worker, fn, t, threads, initializer),
                wait_any=lambda fs: cf.wait(fs, return_when=cf.FIRST_COMPLETED).done,
                result=lambda f: f.result(), finish=finish, where=" in a worker process")
+    except BaseException:
+        _stop_workers(pool)
+        raise
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
@@ -214,7 +251,7 @@ def _join_ray(workers: int, address: str | None, allow_fallback: bool) -> bool |
 
 
 def _run_ray(todo: Sequence[Task], budget: int, fn: Callable, finish: Callable, workers: int, address: str | None,
-             gpus_per_task: float, threads: int, allow_fallback: bool) -> str:
+             gpus_per_task: float, threads: int, initializer: Callable | None, allow_fallback: bool) -> str:
     """Run on Ray; returns 'ray', or 'process' if a local Ray could not start and fallback is allowed."""
     started_here = _join_ray(workers, address, allow_fallback)
     if started_here is None:
@@ -224,7 +261,7 @@ def _run_ray(todo: Sequence[Task], budget: int, fn: Callable, finish: Callable, 
     in_flight: list = []
 
     def submit(task):
-        ref = remote.remote(fn, task, threads)
+        ref = remote.remote(fn, task, threads, initializer)
         in_flight.append(ref)
         return ref
 
@@ -256,7 +293,8 @@ def _check_run(tasks: Sequence[Task], workers: int, backend: str, gpus_per_task:
 def run_tasks(tasks: Sequence[Task], fn: Callable[[Task], Any], work_dir: str | os.PathLike, *, workers: int = 1,
               backend: str = "auto", address: str | None = None, gpus_per_task: float = 0.0,
               threads_per_worker: int | None = None, limit: int | None = None, desc: str = "tasks",
-              describe: Callable[[Task, Any], str] | None = None) -> RunnerSummary:
+              describe: Callable[[Task, Any], str] | None = None,
+              initializer: Callable[[], Any] | None = None) -> RunnerSummary:
     """Compute `fn(task)` for every task of `tasks` without a stored result in `work_dir`; resumable and parallel.
 
     `backend`: 'serial', 'process', 'ray' or 'auto' (serial for one worker without `address`, else Ray). `address`
@@ -264,7 +302,9 @@ def run_tasks(tasks: Sequence[Task], fn: Callable[[Task], Any], work_dir: str | 
     intra-op threads per task, also in the serial back-end) defaults to 1: small models gain little from threads,
     and on a busy machine extra threads cost far more than they give. `limit` stops after that many new results
     (the parallel back-ends finish the tasks already running). `describe(task, result)` is shown beside the
-    progress bar. Raises `PdlError` naming the first task that failed; every result finished before is kept."""
+    progress bar. `initializer()` (picklable, no arguments) runs once in each worker process before its first task,
+    e.g. to pre-load data. Raises `PdlError` naming the first task that failed; every result finished before is
+    kept."""
     _check_run(tasks, workers, backend, gpus_per_task, limit)
     work_dir = Path(work_dir)
     for stale in work_dir.glob(".*.tmp"):     # left by a process killed in the middle of a write
@@ -288,14 +328,14 @@ def run_tasks(tasks: Sequence[Task], fn: Callable[[Task], Any], work_dir: str | 
 
     try:
         if budget and backend == "serial":
-            _run_serial(todo, budget, fn, finish, threads)
+            _run_serial(todo, budget, fn, finish, threads, initializer)
         elif budget and backend == "ray":
-            backend = _run_ray(todo, budget, fn, finish, workers, address, gpus_per_task, threads,
+            backend = _run_ray(todo, budget, fn, finish, workers, address, gpus_per_task, threads, initializer,
                                allow_fallback=address is None)
             if backend == "process":
-                _run_processes(todo, budget, fn, finish, workers, threads)
+                _run_processes(todo, budget, fn, finish, workers, threads, initializer)
         elif budget:
-            _run_processes(todo, budget, fn, finish, workers, threads)
+            _run_processes(todo, budget, fn, finish, workers, threads, initializer)
     finally:
         bar.close()
     return RunnerSummary(len(tasks), len(tasks) - len(todo), trained, len(todo) - trained,

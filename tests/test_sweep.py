@@ -1,13 +1,16 @@
-"""The resumable task runner (`pdl.sweep`): resume after a kill, failures, back-ends."""
+"""The resumable task runner (`pdl.sweep`): resume after a kill, failures, back-ends, workers that live across tasks."""
+import functools
 import json
 import os
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from pdl.core import PdlError
-from pdl.sweep import read_result, read_results, result_path, run_tasks
+from pdl.sweep import read_result, read_results, result_path, run_tasks, worker_start_method
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,34 @@ def square(task: Square) -> dict:
     if task.n == 13:
         raise ValueError("thirteen is unlucky")
     return {"n": task.n, "square": task.n * task.n, "pid": os.getpid()}
+
+
+@functools.lru_cache(maxsize=None)
+def _load(dataset: int) -> int:
+    """A per-process cache like `pdl.apr.load_variant`: each real load is logged as `<pid> <dataset>`."""
+    with open(os.environ["SWEEP_LOG"], "a") as f:
+        f.write(f"{os.getpid()} {dataset}\n")
+    return dataset
+
+
+DRIVER_STATE: list = []      # filled by the test in the driver: a forked worker sees it, a spawned one does not
+
+
+def square_from_cache(task: Square) -> dict:
+    return {"n": task.n, "dataset": _load(task.n % 3), "pid": os.getpid(), "forked": bool(DRIVER_STATE)}
+
+
+def note_worker(log: str) -> None:
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def interrupt_or_sleep(task: Square) -> dict:
+    if task.n == 1:
+        time.sleep(0.5)
+        raise KeyboardInterrupt      # Ctrl-C in a worker while task 0 still runs
+    time.sleep(60 if task.n == 0 else 0)
+    return {"n": task.n}
 
 
 @pytest.fixture(autouse=True)
@@ -119,3 +150,49 @@ def test_ray_backend_in_local_mode(tmp_path, monkeypatch):
     assert summary.backend in ("ray", "process")     # a local Ray that cannot start falls back to processes
     assert [r["square"] for r in read_results(tasks, tmp_path)] == [0, 1, 4, 9]
     assert run_tasks(tasks, square, tmp_path, backend="ray", workers=2).trained == 0
+
+
+@pytest.mark.parametrize("threads", [1, 2])      # 1: forked workers, 2: spawned workers (see pdl.sweep.worker_start_method)
+def test_workers_live_across_tasks_and_keep_their_caches(tmp_path, monkeypatch, threads):
+    loads, started = tmp_path / "loads.log", tmp_path / "workers.log"
+    monkeypatch.setenv("SWEEP_LOG", str(loads))
+    monkeypatch.setattr(sys.modules[__name__], "DRIVER_STATE", ["driver"])
+    tasks = [Square(n) for n in range(12)]
+    summary = run_tasks(tasks, square_from_cache, tmp_path / "work", backend="process", workers=2,
+                        threads_per_worker=threads, initializer=functools.partial(note_worker, str(started)))
+    results = read_results(tasks, tmp_path / "work")
+    assert summary.trained == 12 and [r["dataset"] for r in results] == [n % 3 for n in range(12)]
+    pids = {r["pid"] for r in results}
+    assert 1 <= len(pids) <= 2 and os.getpid() not in pids          # 12 tasks, at most 2 processes
+    assert {r["forked"] for r in results} == {worker_start_method(threads) == "fork"}
+    load_lines = loads.read_text().splitlines()
+    assert len(load_lines) == len(set(load_lines)) <= 2 * 3          # each worker loads each dataset at most once
+    assert sorted(map(int, started.read_text().split())) == sorted(pids)   # the initializer ran once per worker
+
+
+def test_serial_backend_runs_the_initializer_once_in_this_process(tmp_path):
+    started = tmp_path / "workers.log"
+    run_tasks([Square(n) for n in range(3)], square, tmp_path, initializer=functools.partial(note_worker, str(started)))
+    assert started.read_text().split() == [str(os.getpid())]
+
+
+def test_an_interrupt_in_a_worker_stops_the_run_at_once(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    tasks = [Square(n) for n in range(4)]
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        run_tasks(tasks, interrupt_or_sleep, tmp_path, backend="process", workers=2)
+    assert time.perf_counter() - started < 30            # the worker sleeping 60 s was terminated, not awaited
+    assert read_results(tasks, tmp_path) == []
+    def workers():       # child processes other than multiprocessing's resource tracker
+        return [p for p in psutil.Process().children() if "resource_tracker" not in " ".join(p.cmdline())]
+
+    psutil.wait_procs(workers(), timeout=10)
+    assert not [p for p in workers() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_workers_are_forked_only_where_that_is_safe():
+    import torch
+    linux_cpu = sys.platform.startswith("linux") and not torch.cuda.is_initialized()
+    assert worker_start_method(1) == ("fork" if linux_cpu else "spawn")
+    assert worker_start_method(2) == "spawn"          # OpenMP's thread pool does not survive a fork

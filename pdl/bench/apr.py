@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 import time
@@ -14,10 +15,10 @@ from typing import Any, Sequence
 import torch
 
 from ..apr import DatasetSpec, PairTask, Recipe, check_datasets, load_variant, make_tasks, train_pair
-from ..core import get_device, progress
+from ..core import get_device, progress, seed_everything
 from ..models.anynet import sample_population
 from ..runs import save_bench
-from ..sweep import read_result, run_tasks, start_local_ray
+from ..sweep import read_result, run_tasks, start_local_ray, worker_start_method
 
 # %% auto #0
 __all__ = ['bench_main']
@@ -32,6 +33,7 @@ def _bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-per-class", type=int, default=10)
     parser.add_argument("--band-scale", type=float, default=0.25, help="factor on the 32 px complexity band")
     parser.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1))
+    parser.add_argument("--threads-per-worker", type=int, default=1, help="torch threads of each runner worker")
     parser.add_argument("--backend", default="process", choices=("process", "ray"))
     parser.add_argument("--gpu-shares", default="1,2,4,8", help="models per GPU to try (GPU only)")
     parser.add_argument("--seed", type=int, default=0)
@@ -53,21 +55,28 @@ def _naive_loops(tasks: Sequence[PairTask], device: torch.device, results: dict)
         loops[name] = {t.key: train_pair(t, device) for t in progress(tasks, desc=f"{name} loop")}
         results[f"{name}_seconds"] = time.perf_counter() - started
         results[f"{name}_arch_epochs_per_hour"] = _throughput(tasks, results[f"{name}_seconds"])
+        results[f"{name}_load_average"] = os.getloadavg()[0]
     torch.set_num_threads(default_threads)
     return loops
 
 
 def _runner(tasks: Sequence[PairTask], args: argparse.Namespace, loops: dict[str, dict], results: dict):
+    load_variant.cache_clear()
+    results["runner_start_method"] = worker_start_method(args.threads_per_worker) if args.backend == "process" else "ray"
     with tempfile.TemporaryDirectory() as tmp:
-        summary = run_tasks(tasks, train_pair, tmp, workers=args.workers, backend=args.backend, desc="runner")
+        summary = run_tasks(tasks, train_pair, tmp, workers=args.workers, backend=args.backend,
+                            threads_per_worker=args.threads_per_worker, desc="runner")
         runner = {t.key: read_result(t, tmp) for t in tasks}
     results["runner_seconds"] = summary.seconds
+    results["runner_load_average"] = os.getloadavg()[0]
     results["runner_arch_epochs_per_hour"] = _throughput(tasks, summary.seconds)
     results["speedup_vs_naive"] = results["naive_seconds"] / summary.seconds
     results["speedup_vs_naive_1thread"] = results["naive_1thread_seconds"] / summary.seconds
-    # same seeds and the same thread count: the runner must reproduce the single-thread loop exactly
-    results["max_abs_error_difference"] = max(abs(loops["naive_1thread"][k]["top1_err"] - runner[k]["top1_err"])
-                                              for k in runner)
+    # same seeds and the same thread count: the runner must reproduce the loop with its thread count exactly
+    same = {results["torch_threads_naive"]: "naive", 1: "naive_1thread"}.get(args.threads_per_worker)
+    results["runner_compared_with"] = same
+    results["max_abs_error_difference"] = math.nan if same is None else max(
+        abs(loops[same][k]["top1_err"] - runner[k]["top1_err"]) for k in runner)
     return summary
 
 
@@ -85,16 +94,18 @@ def _gpu_sharing(tasks: Sequence[PairTask], shares: str, device: torch.device) -
 
 # %% ../../notebooks/lib/91_bench.apr.ipynb #bd4509a2
 def _report(results: dict, args: argparse.Namespace, summary, path) -> None:
-    print(f"{results['pairs']} pairs on {results['device']} (load average {results['load_average']:.1f}):\n"
-          f"  naive loop, {results['torch_threads_naive']} torch threads: {results['naive_seconds']:.1f} s, "
-          f"{results['naive_arch_epochs_per_hour']:.0f} arch-epochs/h\n"
-          f"  naive loop, 1 torch thread: {results['naive_1thread_seconds']:.1f} s, "
-          f"{results['naive_1thread_arch_epochs_per_hour']:.0f} arch-epochs/h\n"
-          f"  runner ({args.backend}, {args.workers} workers x 1 thread): {summary.seconds:.1f} s, "
-          f"{results['runner_arch_epochs_per_hour']:.0f} arch-epochs/h\n"
+    def timing(name: str) -> str:
+        return (f"{results[name + '_seconds']:.1f} s, {results[name + '_arch_epochs_per_hour']:.0f} arch-epochs/h "
+                f"(load average {results[name + '_load_average']:.1f})")
+
+    print(f"{results['pairs']} pairs on {results['device']}:\n"
+          f"  naive loop, {results['torch_threads_naive']} torch threads: {timing('naive')}\n"
+          f"  naive loop, 1 torch thread: {timing('naive_1thread')}\n"
+          f"  runner ({args.backend}, {results['runner_start_method']}, {args.workers} workers x "
+          f"{args.threads_per_worker} thread): {timing('runner')}\n"
           f"  ratio runner / naive: {results['speedup_vs_naive']:.2f} "
-          f"(vs 1-thread naive: {results['speedup_vs_naive_1thread']:.2f}); "
-          f"max |error difference| runner vs 1-thread loop: {results['max_abs_error_difference']:.4f}")
+          f"(vs 1-thread naive: {results['speedup_vs_naive_1thread']:.2f}); max |error difference| runner vs "
+          f"{results['runner_compared_with']} loop: {results['max_abs_error_difference']:.4f}")
     if isinstance(results["gpu_sharing"], dict):
         for share, r in results["gpu_sharing"].items():
             print(f"  {share} models per GPU: {r['arch_epochs_per_hour']:.0f} arch-epochs/h")
@@ -121,9 +132,9 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         started = time.perf_counter()
         start_local_ray(args.workers)
         results["ray_startup_seconds"] = time.perf_counter() - started
+    seed_everything(args.seed)      # untimed: torch's lazy imports on the first seeded training
     loops = _naive_loops(tasks, device, results)
     summary = _runner(tasks, args, loops, results)
-    results["load_average"] = os.getloadavg()[0]
     results["gpu_sharing"] = _gpu_sharing(tasks, args.gpu_shares, device)
     if args.backend == "ray":
         import ray
