@@ -27,20 +27,20 @@ from .core import PdlError, get_device, get_logger, seed_everything
 from .data.augment import CropFlipBatchFn, channel_stats
 from .data.core import available, load
 from .models.anynet import SampledArchitecture
-from .stats import bootstrap_rhos, nanmean_rows, percentile_interval, spearman
+from .stats import bootstrap_rhos, nanmean_rows, noise_ratio, percentile_interval, spearman, verdict
 from .sweep import read_results
 from .train import TrainConfig, evaluate, fit
 
 log = get_logger("apr")
 
 # %% auto #0
-__all__ = ['log', 'TOP5_MIN_CLASSES', 'ROLES', 'METRICS', 'THESIS_TOP5_MIN_CLASSES', 'THESIS_TABLE_7_3', 'THESIS_TABLE_7_4',
-           'DatasetSpec', 'DatasetVariant', 'available_datasets', 'check_datasets', 'with_loader_options',
-           'load_variant', 'Recipe', 'PairTask', 'train_pair', 'make_tasks', 'describe_pair', 'gather_results',
-           'study_datasets', 'error_matrix', 'dataset_table', 'closest_member', 'thesis_table_7_3', 'matched_members',
-           'rho_table', 'family_table', 'rho_matrix', 'structure_table', 'pick_noise_architectures', 'noise_table',
-           'assess_findings', 'highlight_count', 'scatter_grid', 'plot_rho_heatmap', 'plot_structure',
-           'plot_top_structures', 'plot_noise']
+__all__ = ['log', 'TOP5_MIN_CLASSES', 'ROLES', 'METRICS', 'THESIS_TOP5_MIN_CLASSES', 'REPRODUCIBLE_COLUMNS', 'THESIS_TABLE_7_3',
+           'THESIS_TABLE_7_4', 'DatasetSpec', 'DatasetVariant', 'available_datasets', 'check_datasets',
+           'with_loader_options', 'load_variant', 'Recipe', 'PairTask', 'train_pair', 'make_tasks', 'describe_pair',
+           'gather_results', 'study_datasets', 'error_matrix', 'dataset_table', 'chance_error', 'error_table',
+           'results_digest', 'closest_member', 'thesis_table_7_3', 'matched_members', 'rho_table', 'family_table',
+           'structure_table', 'pick_noise_architectures', 'noise_table', 'FindingsEvidence', 'noise_control',
+           'assess_findings', 'plot_structure', 'plot_top_structures', 'plot_noise', 'plot_error_distributions']
 
 # %% ../notebooks/07_apr.ipynb #6661a988
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -183,7 +183,8 @@ class Recipe(TrainConfig):
     its small ImageNet-X members for 40 epochs instead of 10). Images are `input_size` px; `train_per_class` /
     `test_per_class` cap images per class (None: all); `crop_padding` and `flip` set the augmentation;
     `train_eval_images` training images (0: none) are evaluated without augmentation for the training error;
-    `data_seed` chooses classes and capped images."""
+    `data_seed` chooses classes and capped images. `warmup_fraction` > 0 replaces `warmup_epochs` by that fraction
+    of each pair's own training length (a one-cycle-like warm-up that is the same share of every pair's steps)."""
     epochs: int = 3
     batch_size: int = 64
     min_steps: int = 0
@@ -194,6 +195,7 @@ class Recipe(TrainConfig):
     flip: bool = True
     train_eval_images: int = 1000
     data_seed: int = 0
+    warmup_fraction: float = 0.0
 
     def problems(self) -> list[str]:
         """`TrainConfig`'s checks plus the data settings'."""
@@ -203,6 +205,7 @@ class Recipe(TrainConfig):
                      if getattr(self, name) < low]
         problems += [f"{name} must be None or >= 1" for name in ("train_per_class", "test_per_class")
                      if getattr(self, name) is not None and getattr(self, name) < 1]
+        problems += [] if 0 <= self.warmup_fraction < 1 else [f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}"]
         return problems
 
 # %% ../notebooks/07_apr.ipynb #5e7c27f5
@@ -273,7 +276,8 @@ def train_pair(task: PairTask, device: str | torch.device | None = None) -> dict
     train, test = _pair_data(task)
     mean, std = channel_stats(train.images)
     epochs, steps_per_epoch = _pair_epochs(task, len(train.labels))
-    cfg = recipe.replace(epochs=epochs, seed=recipe.seed + task.repeat)
+    cfg = recipe.replace(epochs=epochs, seed=recipe.seed + task.repeat,
+                         warmup_epochs=recipe.warmup_fraction * epochs if recipe.warmup_fraction else recipe.warmup_epochs)
     seed_everything(cfg.seed)   # the initial weights depend only on the architecture, the seed and the class count
     model = task.arch.config.build(train.num_classes, in_channels=3)
     record = dict(task_key=task.key, arch=task.arch.name, arch_key=task.arch.config.key, dataset=task.dataset,
@@ -395,6 +399,38 @@ def dataset_table(results):
                                                    pairs=("arch", "size"), diverged=("status", lambda s: int((s != "ok").sum())))
     return table.reset_index()
 
+# %% ../notebooks/07_apr.ipynb #eb6864cb
+def chance_error(num_classes: int, k: int = 1) -> float:
+    """Top-`k` error of guessing uniformly among `num_classes` balanced classes: `1 - k / num_classes` (at least 0)."""
+    return max(0.0, 1 - k / num_classes)
+
+
+def error_table(results, metric: str = "top1"):
+    """Per dataset label (population runs): `role`, `num_classes`, `n_test`, `chance` (error of guessing) and the
+    `min`, `median`, `max` of the error over the architectures, and `best_margin` (chance - min)."""
+    matrix = error_matrix(results, metric)
+    info = dataset_table(results).set_index("label")
+    rows = []
+    for label in matrix.columns:
+        k = 5 if metric == "top5" or (metric == "thesis" and info.num_classes[label] >= THESIS_TOP5_MIN_CLASSES) else 1
+        errors, chance = matrix[label].dropna(), chance_error(int(info.num_classes[label]), k)
+        rows.append(dict(dataset=label, role=info.role[label], num_classes=int(info.num_classes[label]),
+                         n_test=int(info.n_test[label]), chance=chance, min=errors.min(), median=errors.median(),
+                         max=errors.max(), best_margin=chance - errors.min()))
+    return pd.DataFrame(rows)
+
+# %% ../notebooks/07_apr.ipynb #000fb362
+REPRODUCIBLE_COLUMNS = ("task_key", "arch", "label", "repeat", "seed", "status", "n_train", "n_test", "steps",
+                        "top1_err", "top5_err", "train_top1_err", "train_loss")
+
+
+def results_digest(results) -> str:
+    """16-hex SHA-256 of the reproducible columns of `results`, rows sorted by task key and repeat, floats written
+    with full precision."""
+    columns = [c for c in REPRODUCIBLE_COLUMNS if c in results]
+    table = results[columns].sort_values(["task_key", "repeat"]).reset_index(drop=True)
+    return hashlib.sha256(table.to_csv(index=False, float_format="%.17g").encode()).hexdigest()[:16]
+
 # %% ../notebooks/07_apr.ipynb #733d0071
 def closest_member(num_classes: int, members: dict[str, int]) -> str:
     """Label of the member whose class count is closest to `num_classes` on a log scale (ties: more classes)."""
@@ -478,10 +514,6 @@ def family_table(matrix, datasets, n_boot: int = 1000, level: float = 0.95, seed
     return pd.DataFrame(rows)
 
 
-def rho_matrix(matrix):
-    """Dataset x dataset Spearman rho of the errors (pairwise over architectures with finite errors)."""
-    labels = list(matrix.columns)
-    return pd.DataFrame([[spearman(matrix[a], matrix[b]) for b in labels] for a in labels], index=labels, columns=labels)
 
 # %% ../notebooks/07_apr.ipynb #19eb4c8f
 def structure_table(matrix, population, datasets, n_boot: int = 1000, level: float = 0.95, seed: int = 0):
@@ -533,127 +565,144 @@ def noise_table(results, label: str, metric: str = "top1"):
     return pd.DataFrame(rows)
 
 # %% ../notebooks/07_apr.ipynb #e8f11d1e
-def _verdict(holds: bool, significant: bool = False) -> str:
-    return ("holds (significant)" if significant else "holds") if holds else "does not hold"
+@dataclass
+class FindingsEvidence:
+    """Errors `matrix` (architectures x dataset labels) joined with `_depth`/`_width` columns, the `datasets` table
+    (from `dataset_table`), and the bootstrap settings; `boot(pairs)` returns `(n_boot, len(pairs))` rhos on
+    resamples shared by every call."""
+    matrix: pd.DataFrame
+    datasets: pd.DataFrame
+    n_boot: int = 1000
+    seed: int = 0
+    level: float = 0.95
 
+    @classmethod
+    def build(cls, matrix, population, datasets, **settings) -> "FindingsEvidence":
+        pop = population.set_index("arch").loc[matrix.index]
+        joined = matrix.assign(_depth=pop.cum_depth.to_numpy(), _width=pop.cum_width.to_numpy())
+        return cls(joined, datasets, **settings)
 
-def assess_findings(rho: pd.DataFrame, family: pd.DataFrame, structure: pd.DataFrame,
-                    noise: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Verdicts on the thesis' chapter-7 findings: DataFrame with `finding`, `criterion`, `thesis`, `ours`, `verdict`."""
-    targets, mean = rho[rho.dataset != "mean"], rho[rho.dataset == "mean"].iloc[0]
+    @property
+    def roles(self) -> dict[str, list[str]]:
+        return _roles(self.datasets)
+
+    @property
+    def classes(self) -> dict[str, int]:
+        return dict(zip(self.datasets.label, self.datasets.num_classes.astype(int)))
+
+    def boot(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+        return bootstrap_rhos(self.matrix, pairs, self.n_boot, self.seed)
+
+    def rho(self, a: str, b: str) -> float:
+        return spearman(self.matrix[a], self.matrix[b])
+
+    def finding(self, finding: str, thesis: str, criterion: str, estimate: float, samples, claim: str,
+                threshold: float = 0.0, detail: str = "") -> dict:
+        """One row of the findings table: the effect's estimate and `level` interval from its bootstrap `samples`."""
+        low, high = percentile_interval(samples, self.level)
+        return dict(finding=finding, thesis=thesis, criterion=criterion, estimate=estimate, low=low, high=high,
+                    claim=claim, threshold=threshold, detail=detail)
+
+# %% ../notebooks/07_apr.ipynb #5da32d00
+def _target_findings(ev: FindingsEvidence) -> list[dict]:
+    ref, targets = ev.roles["reference"][0], ev.roles["target"]
+    rhos = {t: ev.rho(t, ref) for t in targets}
+    order = sorted(targets, key=lambda t: rhos[t])
+    boot = ev.boot([(t, ref) for t in targets])
+    col = {t: j for j, t in enumerate(targets)}
+    low_t, high_t = order[0], order[-1]
+    rows = [ev.finding("Some datasets correlate negatively with the many-class reference",
+                       "3 of 8 (powerline -0.436, natural -0.38, cifar10 -0.104)",
+                       "rho(target, reference) < 0 for the lowest target", rhos[low_t], boot[:, col[low_t]], "<",
+                       detail=f"lowest: {low_t}")]
+    if len(targets) >= 2:
+        rows.append(ev.finding("Architecture rankings are dataset dependent", "rho with ImageNet from -0.436 to 0.967",
+                               "rho(highest target, ref) - rho(lowest target, ref) > 0", rhos[high_t] - rhos[low_t],
+                               boot[:, col[high_t]] - boot[:, col[low_t]], ">",
+                               detail=f"{high_t} {rhos[high_t]:.2f} vs {low_t} {rhos[low_t]:.2f}"))
+    matched = matched_members(ev.datasets)
+    gain = ev.boot([(t, matched[t]) for t in targets]) - boot
+    estimate = float(np.mean([ev.rho(t, matched[t]) - rhos[t] for t in targets]))
+    rows.append(ev.finding("The class-matched family member represents targets better than the reference",
+                           "mean rho 0.19 -> 0.507", "mean over targets of rho(target, matched) - rho(target, ref) > 0",
+                           estimate, nanmean_rows(gain), ">",
+                           detail=", ".join(f"{t} vs {matched[t]}" for t in targets)))
+    return rows
+
+# %% ../notebooks/07_apr.ipynb #650307b0
+def _family_findings(ev: FindingsEvidence) -> list[dict]:
+    ref, roles, classes = ev.roles["reference"][0], ev.roles, ev.classes
+    members = sorted(roles["family"], key=lambda m: -classes[m])
     rows = []
-    negative = targets[targets.rho_ref < 0]
-    rows.append(dict(finding="Some datasets correlate negatively with the many-class reference",
-                     criterion="at least one target has rho_ref < 0 (significant: its interval lies below 0)",
-                     thesis="3 of 8 (powerline -0.436, natural -0.38, cifar10 -0.104)",
-                     ours=f"{len(negative)} of {len(targets)}" + (": " + ", ".join(f"{r.dataset} {r.rho_ref:.2f}" for r in negative.itertuples()) if len(negative) else ""),
-                     verdict=_verdict(len(negative) > 0, bool((negative.rho_ref_high < 0).any()))))
-    spread = targets.rho_ref.max() - targets.rho_ref.min()
-    rows.append(dict(finding="Architecture rankings are dataset dependent",
-                     criterion="rho_ref spans more than 0.5 across targets",
-                     thesis="rho with ImageNet from -0.436 to 0.967", ours=f"from {targets.rho_ref.min():.2f} to {targets.rho_ref.max():.2f}",
-                     verdict=_verdict(spread > 0.5)))
-    rows.append(dict(finding="The class-matched family member represents targets better than the reference",
-                     criterion="mean rho_matched > mean rho_ref (significant: the interval of the difference lies above 0)",
-                     thesis="mean rho 0.19 -> 0.507",
-                     ours=f"mean rho {mean.rho_ref:.2f} -> {mean.rho_matched:.2f} (difference {mean.difference:+.2f}, "
-                          f"95% CI {mean.difference_low:+.2f} to {mean.difference_high:+.2f})",
-                     verdict=_verdict(mean.difference > 0, mean.difference_low > 0)))
-    members = family[family.role == "family"]
     if len(members) >= 2:
-        trend = spearman(members.num_classes, members.rho_ref)
-        rows.append(dict(finding="Correlation with the reference weakens as the class count shrinks",
-                         criterion="rank correlation between a member's class count and its rho with the reference > 0",
-                         thesis="ImageNet-100 very strong, ImageNet-2 practically independent",
-                         ours=", ".join(f"{r.label}: {r.rho_ref:.2f}" for r in members.itertuples()),
-                         verdict=_verdict(trend > 0)))
-    if "rho_control" in rho and np.isfinite(mean.get("rho_control", math.nan)):
-        gain_control, gain_matched = mean.rho_control - mean.rho_ref, mean.rho_matched - mean.rho_ref
-        rows.append(dict(finding="Fewer images (size-matched control) gain less than fewer classes",
-                         criterion="mean rho gain of the class-matched member > gain of the size-matched control",
-                         thesis="ImageNet-1000-10 gains far less than ImageNet-10",
-                         ours=f"gain {gain_matched:+.2f} (class-matched) vs {gain_control:+.2f} (size-matched)",
-                         verdict=_verdict(gain_matched > gain_control)))
-    fam = structure[structure.role.isin(["reference", "family"])]
-    if len(fam) >= 3:
-        for param, thesis in (("depth", "-0.205 (ImageNet) -> 0.425 (ImageNet-2)"), ("width", "-0.511 (ImageNet) -> -0.179 (ImageNet-2)")):
-            trend = spearman(fam.num_classes, fam[f"rho_{param}"])
-            rows.append(dict(finding=f"With fewer classes the error correlates more positively with cumulative {param}",
-                             criterion=f"rank correlation between class count and rho(error, cumulative {param}) < 0",
-                             thesis=thesis, ours=", ".join(f"{r.dataset}: {getattr(r, 'rho_' + param):.2f}" for r in fam.itertuples()),
-                             verdict=_verdict(trend < 0)))
-    ref_row = structure[structure.role == "reference"].iloc[0]
-    rows.append(dict(finding="Wider architectures do better on the many-class reference",
-                     criterion="rho(reference error, cumulative width) < 0 (significant: interval below 0)",
-                     thesis="-0.511 on ImageNet", ours=f"{ref_row.rho_width:.2f} ({ref_row.rho_width_low:.2f} to {ref_row.rho_width_high:.2f})",
-                     verdict=_verdict(ref_row.rho_width < 0, ref_row.rho_width_high < 0)))
-    if noise is not None and len(noise) > 1:
-        within = noise[noise.arch != "population"]
-        pooled = float(np.sqrt(np.nanmean(within["std"] ** 2)))
-        population_std = float(noise[noise.arch == "population"]["std"].iloc[0])
-        ratio = population_std / pooled if pooled > 0 else math.inf
-        rows.append(dict(finding="Training noise is small next to the spread between architectures",
-                         criterion="population std of the error >= 2x the pooled std over retrainings of one architecture",
-                         thesis="two architectures x 250 runs: narrow, non-overlapping distributions",
-                         ours=f"population std {population_std:.3f} vs retraining std {pooled:.3f} (ratio {ratio:.1f})",
-                         verdict=_verdict(ratio >= 2)))
+        big, small = members[0], members[-1]
+        boot = ev.boot([(big, ref), (small, ref)])
+        rows.append(ev.finding("Correlation with the reference weakens as the class count shrinks",
+                               "ImageNet-100 very strong, ImageNet-2 practically independent",
+                               "rho(largest member, ref) - rho(smallest member, ref) > 0",
+                               ev.rho(big, ref) - ev.rho(small, ref), boot[:, 0] - boot[:, 1], ">",
+                               detail=f"{big} {ev.rho(big, ref):.2f} vs {small} {ev.rho(small, ref):.2f}"))
+    if roles["control"] and roles["target"]:
+        control, matched = roles["control"][0], matched_members(ev.datasets)
+        targets = roles["target"]
+        gap = ev.boot([(t, matched[t]) for t in targets]) - ev.boot([(t, control) for t in targets])
+        estimate = float(np.mean([ev.rho(t, matched[t]) - ev.rho(t, control) for t in targets]))
+        rows.append(ev.finding("Fewer images (size-matched control) gain less than fewer classes",
+                               "ImageNet-1000-10 gains far less than ImageNet-10",
+                               "mean over targets of rho(target, matched) - rho(target, control) > 0",
+                               estimate, nanmean_rows(gap), ">", detail=f"control: {control}"))
+    return rows
+
+# %% ../notebooks/07_apr.ipynb #4a463f17
+_STRUCTURE_THESIS = {"depth": "-0.205 (ImageNet) -> 0.425 (ImageNet-2)", "width": "-0.511 (ImageNet) -> -0.179 (ImageNet-2)"}
+
+
+def _structure_findings(ev: FindingsEvidence) -> list[dict]:
+    ref, classes = ev.roles["reference"][0], ev.classes
+    members = sorted(ev.roles["family"], key=lambda m: classes[m])
+    rows = []
+    if members:
+        small = members[0]
+        for param, column in (("depth", "_depth"), ("width", "_width")):
+            boot = ev.boot([(small, column), (ref, column)])
+            rows.append(ev.finding(f"With fewer classes the error correlates more positively with cumulative {param}",
+                                   _STRUCTURE_THESIS[param],
+                                   f"rho({small} error, {param}) - rho(reference error, {param}) > 0",
+                                   ev.rho(small, column) - ev.rho(ref, column), boot[:, 0] - boot[:, 1], ">",
+                                   detail=f"{small} {ev.rho(small, column):.2f} vs {ref} {ev.rho(ref, column):.2f}"))
+    rows.append(ev.finding("Wider architectures do better on the many-class reference", "-0.511 on ImageNet",
+                           "rho(reference error, cumulative width) < 0", ev.rho(ref, "_width"),
+                           ev.boot([(ref, "_width")])[:, 0], "<"))
+    return rows
+
+# %% ../notebooks/07_apr.ipynb #71f7ab1b
+def noise_control(results, label: str, metric: str = "top1", level: float = 0.95) -> dict:
+    """`pdl.stats.noise_ratio` of the `label` errors: the population (repeat 0) against the retrained architectures."""
+    rows = results[results.label == label]
+    column = "top5_err" if metric == "top5" or (metric == "thesis" and rows.num_classes.iloc[0] >= THESIS_TOP5_MIN_CLASSES) else "top1_err"
+    retrained = sorted(set(rows.loc[rows.repeat > 0, "arch"]))
+    return {"dataset": label, **noise_ratio(rows.loc[rows.repeat == 0, column],
+                                            {a: rows.loc[rows.arch == a, column] for a in retrained}, level)}
+
+
+def assess_findings(ev: FindingsEvidence, noise: dict | None, min_ratio: float = 3.0) -> pd.DataFrame:
+    """The findings table: `finding`, `thesis`, `criterion`, `estimate`, `low`, `high`, `interval_says`, `verdict`
+    (one of `pdl.stats.OUTCOMES`; correlation findings are inconclusive unless the noise ratio >= `min_ratio`)."""
+    rows = _target_findings(ev) + _family_findings(ev) + _structure_findings(ev)
+    gate = noise is not None and np.isfinite(noise["ratio"]) and noise["ratio"] >= min_ratio
+    for row in rows:
+        row["interval_says"] = verdict(row["low"], row["high"], row["claim"], row["threshold"])
+        row["verdict"] = verdict(row["low"], row["high"], row["claim"], row["threshold"], gate=gate)
+    if noise is not None:
+        ratio = dict(finding="Training noise is small next to the spread between architectures",
+                     thesis="two architectures x 250 runs: narrow, non-overlapping distributions",
+                     criterion=f"population std / retraining std > {min_ratio:g} on {noise['dataset']}",
+                     estimate=noise["ratio"], low=noise["ratio_low"], high=noise["ratio_high"], claim=">",
+                     threshold=min_ratio, detail=f"population std {noise['population_std']:.3f}, retraining std "
+                                                 f"{noise['noise_std']:.3f}")
+        ratio["interval_says"] = ratio["verdict"] = verdict(ratio["low"], ratio["high"], ">", min_ratio)
+        rows.append(ratio)
     return pd.DataFrame(rows)
-
-# %% ../notebooks/07_apr.ipynb #33c1e427
-def highlight_count(n: int) -> int:
-    """How many best/worst architectures to colour in a population of `n` (10 of 500 in the thesis)."""
-    return max(1, min(10, n // 8))
-
-
-def _grid(count: int, ncols: int, size: float = 3.0):
-    import matplotlib.pyplot as plt
-    ncols = max(1, min(ncols, count))
-    nrows = max(1, math.ceil(count / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
-    for ax in axes.flat[count:]:
-        ax.set_visible(False)
-    return fig, axes.flat
-
-# %% ../notebooks/07_apr.ipynb #f8ab5f52
-def scatter_grid(matrix, pairs: Sequence[tuple[str, str]], *, ncols: int = 4, title: str | None = None,
-                 metric_label: str = "error"):
-    """One scatter plot per `(y, x)` pair of dataset labels: y's errors against x's, one point per architecture,
-    y's best `highlight_count` orange and worst red, Spearman rho in the title."""
-    fig, axes = _grid(len(pairs), ncols)
-    k = highlight_count(len(matrix))
-    for ax, (y, x) in zip(axes, pairs):
-        data = matrix[[x, y]].dropna()
-        order = data[y].sort_values().index
-        ax.scatter(data[x], data[y], s=12, color="tab:blue", alpha=0.7)
-        ax.scatter(data.loc[order[:k], x], data.loc[order[:k], y], s=18, color="tab:orange", label=f"best {k}")
-        ax.scatter(data.loc[order[-k:], x], data.loc[order[-k:], y], s=18, color="tab:red", label=f"worst {k}")
-        ax.set_title(f"{y} vs {x}\nρ = {spearman(data[y], data[x]):.2f}", fontsize=10)
-        ax.set_xlabel(f"{x} {metric_label}", fontsize=9)
-        ax.set_ylabel(f"{y} {metric_label}", fontsize=9)
-    axes[0].legend(fontsize=7, loc="best")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-# %% ../notebooks/07_apr.ipynb #9a2cee7b
-def plot_rho_heatmap(rhos, title: str = "Spearman ρ between datasets"):
-    """Heatmap of a dataset x dataset rho matrix (`rho_matrix`), values written in the cells."""
-    import matplotlib.pyplot as plt
-    n = len(rhos)
-    fig, ax = plt.subplots(figsize=(0.6 * n + 2.5, 0.6 * n + 1.5))
-    image = ax.imshow(rhos.to_numpy(float), cmap="RdBu_r", vmin=-1, vmax=1)
-    ax.set_xticks(range(n), rhos.columns, rotation=60, ha="right")
-    ax.set_yticks(range(n), rhos.index)
-    for i in range(n):
-        for j in range(n):
-            value = rhos.iat[i, j]
-            ax.text(j, i, "" if not np.isfinite(value) else f"{value:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if abs(value) > 0.6 else "black")
-    fig.colorbar(image, ax=ax, shrink=0.8)
-    ax.set_title(title)
-    fig.tight_layout()
-    return fig
 
 # %% ../notebooks/07_apr.ipynb #74e68e9f
 def plot_structure(matrix, population, labels: Sequence[str], metric_label: str = "error"):
@@ -709,5 +758,23 @@ def plot_noise(results, label: str, metric_column: str = "top1_err"):
         ax.plot(errors, np.full(len(errors), -0.3 - 0.4 * i), "|", ms=14, mew=2, label=f"{arch}, {len(errors)} trainings")
     ax.set(xlabel=f"{label} {metric_column}", ylabel="architectures", title=f"training noise vs architecture spread on {label}")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+# %% ../notebooks/07_apr.ipynb #09b5dae9
+def plot_error_distributions(errors, matrix, metric_label: str = "top-1 error"):
+    """One column per dataset: the population's errors (dots), their median (bar) and the chance level (red
+    dash), from `error_table`'s `errors` and the `matrix` of `error_matrix`."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(1.1 * len(errors) + 2, 3.6))
+    jitter = np.random.default_rng(0)
+    for i, row in enumerate(errors.itertuples()):
+        values = matrix[row.dataset].dropna().to_numpy()
+        ax.scatter(i + jitter.uniform(-0.15, 0.15, len(values)), values, s=12, alpha=0.7, color="tab:blue")
+        ax.plot([i - 0.3, i + 0.3], [row.median] * 2, color="black", lw=2)
+        ax.plot([i - 0.35, i + 0.35], [row.chance] * 2, color="tab:red", lw=2, ls="--")
+    ax.set_xticks(range(len(errors)), [f"{r.dataset}\n({r.n_test} test)" for r in errors.itertuples()], rotation=45,
+                  ha="right", fontsize=8)
+    ax.set(ylabel=metric_label, ylim=(0, 1.02), title="errors of the population (dots, median bar) and chance (red dash)")
     fig.tight_layout()
     return fig

@@ -13,7 +13,9 @@ import pandas as pd
 from scipy import stats as _scipy_stats
 
 # %% auto #0
-__all__ = ['spearman', 'bootstrap_rhos', 'percentile_interval', 'nanmean_rows']
+__all__ = ['HOLDS', 'INCONCLUSIVE', 'FAILS', 'OUTCOMES', 'spearman', 'bootstrap_rhos', 'percentile_interval', 'nanmean_rows',
+           'verdict', 'format_interval', 'critical_rho', 'half_width', 'noise_ratio', 'rho_matrix', 'highlight_count',
+           'scatter_grid', 'plot_rho_heatmap']
 
 # %% ../notebooks/lib/22_stats.ipynb #d63c3a5b
 def spearman(x, y) -> float:
@@ -67,3 +69,125 @@ def nanmean_rows(values: np.ndarray) -> np.ndarray:
     counts = np.isfinite(values).sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, np.nansum(values, 1) / np.maximum(counts, 1), np.nan)
+
+# %% ../notebooks/lib/22_stats.ipynb #34501323
+HOLDS, INCONCLUSIVE, FAILS = "holds", "inconclusive at this scale", "does not hold"
+OUTCOMES = (HOLDS, INCONCLUSIVE, FAILS)
+
+
+def verdict(low: float, high: float, claim: str = ">", threshold: float = 0.0, gate: bool = True) -> str:
+    """One of `OUTCOMES` for the claim `effect <claim> threshold` (`claim` is '>' or '<') given the effect's
+    interval `(low, high)`; `INCONCLUSIVE` when the interval straddles the threshold, is not finite, or `gate` is
+    False."""
+    if claim not in (">", "<"):
+        raise ValueError(f"claim must be '>' or '<', got {claim!r}")
+    if not gate or not (np.isfinite(low) and np.isfinite(high)):
+        return INCONCLUSIVE
+    above, below = low > threshold, high < threshold
+    if (above and claim == ">") or (below and claim == "<"):
+        return HOLDS
+    return FAILS if above or below else INCONCLUSIVE
+
+# %% ../notebooks/lib/22_stats.ipynb #6782dc3f
+def format_interval(estimate: float, low: float, high: float, digits: int = 2, signed: bool = False) -> str:
+    """`'0.42 [0.10, 0.68]'`: the estimate and its interval rounded to `digits` (`signed` adds a '+')."""
+    spec = f"{'+' if signed else ''}.{digits}f"
+    return f"{estimate:{spec}} [{low:{spec}}, {high:{spec}}]"
+
+# %% ../notebooks/lib/22_stats.ipynb #4d18dccf
+def critical_rho(n: int, level: float = 0.95) -> float:
+    """The smallest |rho| that a two-sided test at `level` distinguishes from 0 with `n` pairs (NaN for n < 4)."""
+    if n < 4:
+        return math.nan
+    t = _scipy_stats.t.ppf(0.5 + level / 2, n - 2)
+    return float(t / math.sqrt(n - 2 + t * t))
+
+
+def half_width(low, high) -> float:
+    """Median half-width `(high - low) / 2` over the finite intervals given as arrays of bounds."""
+    widths = (np.asarray(high, float) - np.asarray(low, float)) / 2
+    widths = widths[np.isfinite(widths)]
+    return float(np.median(widths)) if len(widths) else math.nan
+
+# %% ../notebooks/lib/22_stats.ipynb #e8859418
+def noise_ratio(population_errors, retrained: dict, level: float = 0.95) -> dict:
+    """`population_std`, `noise_std` (pooled std over the retrainings of each architecture in `retrained`, a dict
+    name -> errors), their `ratio` with its `level` interval `ratio_low`/`ratio_high` (F distribution, normal
+    errors assumed) and the ranking's `reliability` (1 - 1/ratio^2, floored at 0)."""
+    population = np.asarray(population_errors, float)
+    population = population[np.isfinite(population)]
+    groups = [g[np.isfinite(g)] for g in (np.asarray(v, float) for v in retrained.values())]
+    groups = [g for g in groups if len(g) > 1]
+    df_noise = sum(len(g) - 1 for g in groups)
+    population_std = float(np.std(population, ddof=1)) if len(population) > 1 else math.nan
+    noise_std = float(np.sqrt(sum(((g - g.mean()) ** 2).sum() for g in groups) / df_noise)) if df_noise else math.nan
+    ratio = population_std / noise_std if noise_std > 0 else (math.inf if noise_std == 0 else math.nan)
+    low = high = math.nan
+    if np.isfinite(ratio) and len(population) > 1:
+        f = _scipy_stats.f(len(population) - 1, df_noise)
+        low, high = ratio / math.sqrt(f.ppf(0.5 + level / 2)), ratio / math.sqrt(f.ppf(0.5 - level / 2))
+    reliability = max(0.0, 1 - 1 / ratio ** 2) if np.isfinite(ratio) else (1.0 if ratio == math.inf else math.nan)
+    return dict(population_std=population_std, noise_std=noise_std, ratio=ratio, ratio_low=low, ratio_high=high,
+                reliability=reliability)
+
+# %% ../notebooks/lib/22_stats.ipynb #878adcd0
+def rho_matrix(matrix: pd.DataFrame) -> pd.DataFrame:
+    """Column x column Spearman rho of `matrix` (pairwise over the rows finite in both)."""
+    labels = list(matrix.columns)
+    return pd.DataFrame([[spearman(matrix[a], matrix[b]) for b in labels] for a in labels], index=labels, columns=labels)
+
+
+def highlight_count(n: int) -> int:
+    """How many best/worst architectures to colour in a population of `n` (10 of 500 in the thesis)."""
+    return max(1, min(10, n // 8))
+
+
+def _grid(count: int, ncols: int, size: float = 3.0):
+    import matplotlib.pyplot as plt
+    ncols = max(1, min(ncols, count))
+    nrows = max(1, math.ceil(count / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, axes.flat
+
+# %% ../notebooks/lib/22_stats.ipynb #37a20393
+def scatter_grid(matrix, pairs: Sequence[tuple[str, str]], *, ncols: int = 4, title: str | None = None,
+                 metric_label: str = "error"):
+    """One scatter plot per `(y, x)` pair of dataset labels: y's errors against x's, one point per architecture,
+    y's best `highlight_count` orange and worst red, Spearman rho in the title."""
+    fig, axes = _grid(len(pairs), ncols)
+    k = highlight_count(len(matrix))
+    for ax, (y, x) in zip(axes, pairs):
+        data = matrix[[x, y]].dropna()
+        order = data[y].sort_values().index
+        ax.scatter(data[x], data[y], s=12, color="tab:blue", alpha=0.7)
+        ax.scatter(data.loc[order[:k], x], data.loc[order[:k], y], s=18, color="tab:orange", label=f"best {k}")
+        ax.scatter(data.loc[order[-k:], x], data.loc[order[-k:], y], s=18, color="tab:red", label=f"worst {k}")
+        ax.set_title(f"{y} vs {x}\nρ = {spearman(data[y], data[x]):.2f}", fontsize=10)
+        ax.set_xlabel(f"{x} {metric_label}", fontsize=9)
+        ax.set_ylabel(f"{y} {metric_label}", fontsize=9)
+    axes[0].legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+# %% ../notebooks/lib/22_stats.ipynb #c296a1ba
+def plot_rho_heatmap(rhos, title: str = "Spearman ρ between datasets"):
+    """Heatmap of a dataset x dataset rho matrix (`rho_matrix`), values written in the cells."""
+    import matplotlib.pyplot as plt
+    n = len(rhos)
+    fig, ax = plt.subplots(figsize=(0.6 * n + 2.5, 0.6 * n + 1.5))
+    image = ax.imshow(rhos.to_numpy(float), cmap="RdBu_r", vmin=-1, vmax=1)
+    ax.set_xticks(range(n), rhos.columns, rotation=60, ha="right")
+    ax.set_yticks(range(n), rhos.index)
+    for i in range(n):
+        for j in range(n):
+            value = rhos.iat[i, j]
+            ax.text(j, i, "" if not np.isfinite(value) else f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if abs(value) > 0.6 else "black")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

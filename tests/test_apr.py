@@ -144,7 +144,7 @@ def test_reported_rho_equals_scipy_on_the_saved_table(tmp_path):
     assert dict(zip(table.dataset[:2], table.matched[:2])) == {"mnist": "fonts-10", "dogs": "fonts-2"}
     mean = table[table.dataset == "mean"].iloc[0]
     assert mean.rho_ref == pytest.approx(table[table.dataset != "mean"].rho_ref.mean())
-    rhos = apr.rho_matrix(matrix)
+    rhos = pdl.stats.rho_matrix(matrix)
     assert rhos.loc["mnist", "dogs"] == pytest.approx(stats.spearmanr(wide["mnist"], wide["dogs"]).statistic)
 
 
@@ -191,3 +191,65 @@ def test_unknown_dataset_and_bad_specs_are_clear_errors():
         apr.error_matrix(_synthetic_results(), metric="top3")
     with pytest.raises(PdlError, match="epochs_by_dataset"):
         apr.make_tasks([], [dict(spec="mnist", label="mnist", role="target")], apr.Recipe(), epochs_by_dataset={"cifar": 3})
+
+
+# --- verdicts, chance levels and reproducibility ----------------------------------------------------------------
+
+def _evidence(results, n=30):
+    population = pd.DataFrame(dict(arch=[f"a{i:03d}" for i in range(n)], cum_depth=np.arange(n) % 7 + 2,
+                                   cum_width=np.arange(n) * 10 + 100))
+    return apr.FindingsEvidence.build(apr.error_matrix(results), population, apr.dataset_table(results), n_boot=300)
+
+
+def test_findings_have_intervals_and_one_of_three_outcomes():
+    results = _synthetic_results()
+    noise = {"dataset": "fonts", **pdl.stats.noise_ratio(np.linspace(0.2, 0.8, 30), {"a": [0.5, 0.51, 0.49]})}
+    findings = apr.assess_findings(_evidence(results), noise)
+    assert set(findings.verdict) <= set(pdl.stats.OUTCOMES)
+    assert (findings.low <= findings.estimate + 1e-9).all() or findings.estimate.isna().any()
+    assert (findings.low <= findings.high).all()
+    ratio = findings.set_index("finding").loc["Training noise is small next to the spread between architectures"]
+    assert ratio.estimate == pytest.approx(np.std(np.linspace(0.2, 0.8, 30), ddof=1) / 0.01)
+    # the gate passed, so each verdict is exactly what its interval says
+    assert list(findings.verdict) == list(findings.interval_says)
+
+
+def test_a_failed_noise_control_makes_every_correlation_inconclusive():
+    results = _synthetic_results()
+    noise = {"dataset": "fonts", **pdl.stats.noise_ratio(np.linspace(0.2, 0.8, 30), {"a": [0.2, 0.8, 0.5]})}
+    findings = apr.assess_findings(_evidence(results), noise).set_index("finding")
+    correlations = findings.drop("Training noise is small next to the spread between architectures")
+    assert set(correlations.verdict) == {pdl.stats.INCONCLUSIVE}
+    assert apr.assess_findings(_evidence(results), None).verdict.eq(pdl.stats.INCONCLUSIVE).all()
+
+
+def test_a_reversed_target_is_a_holding_negative_correlation():
+    results = _synthetic_results(n=40)
+    ref = results[results.label == "fonts"].set_index("arch").top1_err
+    results.loc[results.label == "dogs", "top1_err"] = 1 - results.loc[results.label == "dogs", "arch"].map(ref).to_numpy()
+    noise = {"dataset": "fonts", **pdl.stats.noise_ratio(np.linspace(0.2, 0.8, 40), {"a": [0.5, 0.51, 0.49]})}
+    row = apr.assess_findings(_evidence(results, 40), noise).set_index("finding").loc[
+        "Some datasets correlate negatively with the many-class reference"]
+    assert (row.estimate, row.high < 0, row.verdict) == (-1.0, True, "holds")
+
+
+def test_error_table_sets_errors_beside_chance():
+    table = apr.error_table(_synthetic_results()).set_index("dataset")
+    assert table.chance["fonts"] == pytest.approx(1 - 1 / 140) and table.chance["dogs"] == 0.5
+    assert (table["min"] <= table["median"]).all() and (table["median"] <= table["max"]).all()
+    assert table.best_margin["mnist"] == pytest.approx(0.9 - table["min"]["mnist"])
+
+
+def test_warmup_fraction_is_validated():
+    assert apr.Recipe(warmup_fraction=0.1).warmup_fraction == 0.1
+    with pytest.raises(PdlError, match="warmup_fraction"):
+        apr.Recipe(warmup_fraction=1.0)
+
+
+def test_same_seed_gives_the_same_results_serially_and_in_two_processes(tmp_path):
+    tasks = _tiny_tasks()
+    run_tasks(tasks, apr.train_pair, tmp_path / "serial")
+    run_tasks(tasks, apr.train_pair, tmp_path / "processes", workers=2, backend="process")
+    serial, processes = apr.gather_results(tasks, tmp_path / "serial"), apr.gather_results(tasks, tmp_path / "processes")
+    assert apr.results_digest(serial) == apr.results_digest(processes)
+    assert list(serial.top1_err) == list(processes.top1_err)
