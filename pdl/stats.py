@@ -121,12 +121,20 @@ def noise_ratio(population_errors, retrained: dict, level: float = 0.95) -> dict
     df_noise = sum(len(g) - 1 for g in groups)
     population_std = float(np.std(population, ddof=1)) if len(population) > 1 else math.nan
     noise_std = float(np.sqrt(sum(((g - g.mean()) ** 2).sum() for g in groups) / df_noise)) if df_noise else math.nan
-    ratio = population_std / noise_std if noise_std > 0 else (math.inf if noise_std == 0 else math.nan)
+    if noise_std > 0:
+        ratio = population_std / noise_std
+    else:                                  # no retraining noise: any spread is infinitely larger; none is undefined
+        ratio = math.inf if noise_std == 0 and population_std > 0 else math.nan
     low = high = math.nan
     if np.isfinite(ratio) and len(population) > 1:
         f = _scipy_stats.f(len(population) - 1, df_noise)
         low, high = ratio / math.sqrt(f.ppf(0.5 + level / 2)), ratio / math.sqrt(f.ppf(0.5 - level / 2))
-    reliability = max(0.0, 1 - 1 / ratio ** 2) if np.isfinite(ratio) else (1.0 if ratio == math.inf else math.nan)
+    if ratio == math.inf:
+        reliability = 1.0
+    elif np.isfinite(ratio):
+        reliability = max(0.0, 1 - 1 / ratio ** 2) if ratio > 0 else 0.0   # no spread between architectures: no ranking
+    else:
+        reliability = math.nan
     return dict(population_std=population_std, noise_std=noise_std, ratio=ratio, ratio_low=low, ratio_high=high,
                 reliability=reliability)
 

@@ -49,3 +49,12 @@ def test_noise_ratio_handles_missing_retrainings():
 def test_format_interval_and_half_width():
     assert S.format_interval(-0.123, -0.5, 0.25) == "-0.12 [-0.50, 0.25]"
     assert S.half_width([0.0, 0.2], [0.4, 1.0]) == pytest.approx(0.3)
+
+
+def test_noise_ratio_without_spread_between_architectures():
+    """Identical errors for every architecture (tiny smoke runs) give ratio 0 and reliability 0, not an error."""
+    from pdl.stats import noise_ratio
+    out = noise_ratio([0.5, 0.5, 0.5], {"a": [0.4, 0.5]})
+    assert out["ratio"] == 0 and out["reliability"] == 0.0
+    out = noise_ratio([0.5, 0.5, 0.5], {"a": [0.5, 0.5]})
+    assert math.isnan(out["ratio"]) and math.isnan(out["reliability"])

@@ -179,13 +179,15 @@ def test_serial_backend_runs_the_initializer_once_in_this_process(tmp_path):
 def test_an_interrupt_in_a_worker_stops_the_run_at_once(tmp_path):
     psutil = pytest.importorskip("psutil")
     tasks = [Square(n) for n in range(4)]
+    before = {p.pid for p in psutil.Process().children()}   # e.g. a forkserver an earlier test left running
     started = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
         run_tasks(tasks, interrupt_or_sleep, tmp_path, backend="process", workers=2)
     assert time.perf_counter() - started < 30            # the worker sleeping 60 s was terminated, not awaited
     assert read_results(tasks, tmp_path) == []
-    def workers():       # child processes other than multiprocessing's resource tracker
-        return [p for p in psutil.Process().children() if "resource_tracker" not in " ".join(p.cmdline())]
+    def workers():       # child processes this run started, other than multiprocessing's resource tracker
+        return [p for p in psutil.Process().children()
+                if p.pid not in before and "resource_tracker" not in " ".join(p.cmdline())]
 
     psutil.wait_procs(workers(), timeout=10)
     assert not [p for p in workers() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
