@@ -66,6 +66,7 @@ def test_figures_are_visible_in_a_headless_browser(built_book, tmp_path):
     assert red.sum() > 5000, "the red square figure is not visible on the rendered page"
 
 
+@pytest.mark.slow
 def test_chapters_run_side_by_side_when_jobs_allow(book_project):
     """`pdl book --jobs 2` executes uncached chapters in parallel child processes and still renders them."""
     shutil.copy(book_project / "notebooks" / "01_toy.ipynb", book_project / "notebooks" / "02_toy.ipynb")

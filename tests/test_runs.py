@@ -80,6 +80,7 @@ def test_params_file(toy_project, tmp_path):
     assert "must hold a mapping" in pdl_cli("run", "01_toy", "-f", str(tmp_path / "bad.yaml")).stderr
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_without_recomputing(toy_project, tmp_path):
     log = tmp_path / "log.txt"
     args = ["run", "01_toy", "-p", "items=6", "-p", "delay=0.6"]
@@ -105,6 +106,7 @@ def test_interrupted_run_resumes_without_recomputing(toy_project, tmp_path):
     assert json.loads((run_dir / "metrics.json").read_text())["total"] == sum(i * i for i in range(6))
 
 
+@pytest.mark.slow
 def test_failing_notebook_keeps_its_state_and_says_where(toy_project):
     result = pdl_cli("run", "01_toy", "-p", "items=-1")  # range(-1) is empty: fine; break it another way
     assert result.returncode == 0
