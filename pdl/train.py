@@ -25,7 +25,8 @@ log = get_logger("train")
 
 # %% auto #0
 __all__ = ['log', 'TrainConfig', 'BatchFn', 'default_batch_fn', 'make_loader', 'Callback', 'History', 'FitState', 'fit',
-           'predict', 'evaluate', 'save_checkpoint', 'load_checkpoint', 'overfit_batch', 'gradcheck_module']
+           'predict', 'evaluate', 'evaluate_loss', 'save_checkpoint', 'load_checkpoint', 'overfit_batch',
+           'gradcheck_module']
 
 # %% ../notebooks/lib/20_train.ipynb #c8ee3af7
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class TrainConfig:
     grad_clip: float | None = None
     num_workers: int = 0
 
-    OPTIMIZERS = ("sgd", "adamw")
+    OPTIMIZERS = ("sgd", "adamw", "adam", "rmsprop")
     SCHEDULES = ("cosine", "constant")
 
     def problems(self) -> list[str]:
@@ -142,6 +143,7 @@ class FitState:
     epoch: int = 0
     step: int = 0
     loss: float = math.nan
+    loss_parts: dict = field(default_factory=dict)
     stop: bool = False
 
 # %% ../notebooks/lib/20_train.ipynb #7fdddc6a
@@ -152,6 +154,11 @@ def _optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "rmsprop":  # the Deep Watershed Detector's optimiser (TensorFlow's default decay 0.9)
+        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.9, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 # %% ../notebooks/lib/20_train.ipynb #ef3e9481
@@ -206,15 +213,35 @@ def _setup(model: nn.Module, train_data: Dataset | DataLoader, cfg: TrainConfig,
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp)
     return _Loop(device, loader, steps_per_epoch, optimizer, scheduler, scaler, batch_fn or default_batch_fn, loss_fn)
 
+# %% ../notebooks/lib/20_train.ipynb #7c9397d0
+def _batch_len(obj: Any) -> int:
+    """Leading dimension of the first tensor in `obj` (a tensor, or a dict/list/tuple nesting tensors)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.shape[0] if obj.dim() else 1
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    for item in items:
+        return _batch_len(item)
+    raise PdlError(f"cannot tell the batch size of targets of type {type(obj).__name__}",
+                   "targets must be a tensor or a dict/list/tuple of tensors")
+
+
+def _split_loss(out: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    """`(loss, {name: float})` from a loss function's result: a scalar tensor or a `(loss, parts)` pair."""
+    if isinstance(out, tuple):
+        loss, parts = out
+        return loss, {k: float(v) for k, v in parts.items()}
+    return out, {}
+
 # %% ../notebooks/lib/20_train.ipynb #bdd94607
 def _train_step(model: nn.Module, loop: _Loop, cfg: TrainConfig, batch, desc: str, where: str):
-    """One optimiser step on `batch`; returns `(loss, logits, targets)`. `desc` and `where` name the step in errors."""
+    """One optimiser step on `batch`; returns `(loss, logits, targets, parts)`. `desc` and `where` name the step
+    in errors."""
     inputs, targets = loop.batch_fn(batch, loop.device)
     if loop.on_cuda and cfg.channels_last and inputs.dim() == 4:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     with torch.autocast(loop.device.type, enabled=loop.on_cuda and cfg.amp):
         logits = model(inputs)
-        loss = loop.loss_fn(logits, targets)
+        loss, parts = _split_loss(loop.loss_fn(logits, targets))
     if not torch.isfinite(loss):
         raise PdlError(f"{desc}: loss became {loss.item()} {where}",
                        "lower the learning rate, enable grad_clip, or check the inputs for NaN/inf")
@@ -226,30 +253,34 @@ def _train_step(model: nn.Module, loop: _Loop, cfg: TrainConfig, batch, desc: st
     loop.scaler.step(loop.optimizer)
     loop.scaler.update()
     loop.scheduler.step()
-    return loss, logits, targets
+    return loss, logits, targets, parts
 
 # %% ../notebooks/lib/20_train.ipynb #f0130c8c
 def _train_epoch(model: nn.Module, loop: _Loop, state: FitState, bar, callbacks: Sequence[Callback],
                  desc: str) -> dict:
     started = time.perf_counter()
     model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum, correct, seen, part_sums = 0.0, 0, 0, {}
     for i, batch in enumerate(loop.loader):
         if i >= loop.steps_per_epoch:
             break
         where = f"at epoch {state.epoch}, step {i}"
-        loss, logits, targets = _train_step(model, loop, state.cfg, batch, desc, where)
-        n = targets.shape[0]
+        loss, logits, targets, parts = _train_step(model, loop, state.cfg, batch, desc, where)
+        n = _batch_len(targets)
         loss_sum += loss.item() * n
         seen += n
-        if logits.dim() == 2 and targets.dim() == 1:
+        for name, value in parts.items():
+            part_sums[name] = part_sums.get(name, 0.0) + value * n
+        if isinstance(logits, torch.Tensor) and isinstance(targets, torch.Tensor) and logits.dim() == 2 \
+                and targets.dim() == 1:
             correct += _topk_correct(logits.detach(), targets, (1,))[1]
-        state.step, state.loss = state.step + 1, loss.item()
+        state.step, state.loss, state.loss_parts = state.step + 1, loss.item(), parts
         bar.update(1)
         bar.set_postfix(epoch=state.epoch + 1, loss=f"{state.loss:.3f}")
         for cb in callbacks:
             cb.on_batch_end(state)
     return dict(epoch=state.epoch + 1, train_loss=loss_sum / max(seen, 1), train_top1=correct / max(seen, 1),
+                **{f"train_{k}": v / max(seen, 1) for k, v in part_sums.items()},
                 lr=loop.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started)
 
 # %% ../notebooks/lib/20_train.ipynb #9ff6f971
@@ -261,8 +292,10 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader, cfg: TrainConfig | N
     """Train `model` on `train_data` for `cfg.epochs` epochs (default `TrainConfig()`) and return the `History`.
 
     `batch_fn(batch, device) -> (inputs, targets)` prepares each batch (default: move `(x, y)` to the device);
-    inputs are `(N, C, H, W)` floats, targets `(N,)` class indices (or whatever `loss_fn` accepts). `loss_fn`
-    defaults to cross-entropy with `cfg.label_smoothing`. `params` restricts what the optimiser updates (default:
+    inputs are `(N, C, H, W)` floats, targets `(N,)` class indices (or whatever `loss_fn` accepts: a dict of dense
+    maps, a list of boxes). `loss_fn(outputs, targets)` defaults to cross-entropy with `cfg.label_smoothing`; it
+    may return `(loss, parts)` (see above). With a custom `loss_fn`, validation reports that loss and its parts
+    (`evaluate_loss`); without, classification metrics (`evaluate`). `params` restricts what the optimiser updates (default:
     all parameters that require gradients). `progress` shows a bar (None: unless `PDL_PROGRESS=0`). The model is
     left in eval mode. Raises `PdlError` on a NaN/inf loss."""
     cfg = cfg if cfg is not None else TrainConfig()
@@ -276,8 +309,12 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader, cfg: TrainConfig | N
         for epoch in range(cfg.epochs):
             state.epoch = epoch
             record = _train_epoch(model, loop, state, bar, callbacks, desc)
-            if val_data is not None:
+            if val_data is not None and loss_fn is not None:
+                metrics = evaluate_loss(model, val_data, loss_fn, device=loop.device, batch_fn=loop.batch_fn,
+                                        batch_size=cfg.batch_size)
+            elif val_data is not None:
                 metrics = evaluate(model, val_data, device=loop.device, batch_fn=loop.batch_fn, batch_size=cfg.batch_size)
+            if val_data is not None:
                 record.update({f"val_{k}": v for k, v in metrics.items() if k != "n"})
             state.history.epochs.append(record)
             for cb in callbacks:
@@ -315,6 +352,30 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, *, device: str | torc
     hits = _topk_correct(logits, targets, topk)
     n = targets.shape[0]
     return dict(loss=F.cross_entropy(logits, targets).item(), n=n, **{f"top{k}": hits[k] / n for k in topk})
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, data: Dataset | DataLoader, loss_fn: Callable, *,
+                  device: str | torch.device | None = None, batch_fn: BatchFn | None = None,
+                  batch_size: int = 256) -> dict:
+    """Sample-weighted mean of `loss_fn(model(inputs), targets)` over `data` (model in eval mode), with the mean
+    of each named part when `loss_fn` returns `(loss, parts)`, and the sample count `n`. For models whose outputs
+    and targets are not class logits and labels (dense maps, boxes)."""
+    device = get_device(device) if not isinstance(device, torch.device) else device
+    batch_fn = batch_fn or default_batch_fn
+    model.eval().to(device)
+    sums, seen = {}, 0
+    for batch in make_loader(data, batch_size, shuffle=False):
+        inputs, targets = batch_fn(batch, device)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            loss, parts = _split_loss(loss_fn(model(inputs), targets))
+        n = _batch_len(targets)
+        seen += n
+        for name, value in {"loss": float(loss), **parts}.items():
+            sums[name] = sums.get(name, 0.0) + value * n
+    if not seen:
+        raise PdlError("the evaluation data is empty", "check the dataset options")
+    return dict(**{k: v / seen for k, v in sums.items()}, n=seen)
 
 # %% ../notebooks/lib/20_train.ipynb #f06c14b3
 def save_checkpoint(path: str | Path, model: nn.Module, **extra) -> Path:
