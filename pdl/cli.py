@@ -17,7 +17,9 @@ from .core import PdlError
 from .runs import execute, find_run, list_runs, notebook_parameters, notebook_path, notebook_profiles, parse_assignments
 
 # Tools implemented by library modules: command -> (module, function taking argv and returning an exit code).
-TOOLS = {"deepscores": ("pdl.omr.engrave", "cli_main")}
+TOOLS = {"deepscores": ("pdl.omr.engrave", "cli_main"),   # synthetic DeepScoresV2 pages (chapter 3)
+         "omr": ("pdl.omr.evaluate", "cli_main"),          # detection evaluation (chapter 4)
+         "msmd": ("pdl.music.msmd", "cli_main")}           # synthetic score-following data (chapter 9)
 
 # %% auto #0
 __all__ = ['TOOLS', 'benchmarks', 'main']
