@@ -117,8 +117,11 @@ _COMMANDS = {"run": _run, "params": _params, "runs": _runs, "book": _book, "benc
 # %% ../notebooks/lib/03_cli.ipynb #e01aa67b
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `pdl` command; returns the exit status (2 for an error pdl explains)."""
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv and argv[0] in TOOLS:  # a tool parses its own arguments, `--help` included
+            return _call(*TOOLS[argv[0]], argv[1:])
+        args = _parser().parse_args(argv)
         if args.command in _COMMANDS:
             return _COMMANDS[args.command](args)
         return _call(*TOOLS[args.command], args.args)

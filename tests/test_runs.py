@@ -196,3 +196,14 @@ def test_chapter_prefixes_resolve_to_chapters_not_library_notebooks(toy_project)
     from pdl.runs import chapters, notebook_path
     assert chapters() == ["01_toy"]
     assert notebook_path("01").name == notebook_path("1").name == "01_toy.ipynb"
+
+
+def test_tools_answer_help_and_unknown_commands_are_named():
+    """`pdl <tool> --help` reaches the tool's own parser; an unknown command lists the valid ones."""
+    from pdl.cli import main
+    with pytest.raises(SystemExit) as done:
+        main(["deepscores", "--help"])
+    assert done.value.code == 0
+    with pytest.raises(SystemExit) as done:
+        main(["no_such_command"])
+    assert done.value.code == 2
