@@ -29,6 +29,7 @@ EXPECTED = {
     "emoji": (9, 32, 3, None, None),
     "cards": (52, 64, 3, None, None),
     "tuxpaint": (None, 64, 3, None, None),
+    "spoken_digits": (10, 32, 1, None, None),
 }
 
 OFFLINE_CHILD = r"""

@@ -351,6 +351,9 @@ BUILTIN_DATASETS = [
     ("cards", "pdl.data.cards:load_cards", "52 playing cards (or 4 suits) from 30 GNOME decks; split by deck",
      "drawings"),
     ("tuxpaint", "pdl.data.sources:load_tuxpaint", "Tux Paint photo stamps by category, RGB", "photos"),
+    ("spoken_digits", "pdl.data.audio:load_spoken_digits",
+     "the ten digit words: espeak-ng voices (train/test by voice) + 10 real recordings (test), 32x32 log-mel images",
+     "speech"),
     ("deepscores_patches", "pdl.omr.patches:load_patches",
      "symbol patches cut from synthetic DeepScores pages (Chapter 3)", "music notation"),
 ]
