@@ -260,7 +260,7 @@ def _train_epoch(model: nn.Module, loop: _Loop, state: FitState, bar, callbacks:
                  desc: str) -> dict:
     started = time.perf_counter()
     model.train()
-    loss_sum, correct, seen, part_sums = 0.0, 0, 0, {}
+    loss_sum, correct, seen, part_sums, classified = 0.0, 0, 0, {}, False
     for i, batch in enumerate(loop.loader):
         if i >= loop.steps_per_epoch:
             break
@@ -274,12 +274,14 @@ def _train_epoch(model: nn.Module, loop: _Loop, state: FitState, bar, callbacks:
         if isinstance(logits, torch.Tensor) and isinstance(targets, torch.Tensor) and logits.dim() == 2 \
                 and targets.dim() == 1:
             correct += _topk_correct(logits.detach(), targets, (1,))[1]
+            classified = True
         state.step, state.loss, state.loss_parts = state.step + 1, loss.item(), parts
         bar.update(1)
         bar.set_postfix(epoch=state.epoch + 1, loss=f"{state.loss:.3f}")
         for cb in callbacks:
             cb.on_batch_end(state)
-    return dict(epoch=state.epoch + 1, train_loss=loss_sum / max(seen, 1), train_top1=correct / max(seen, 1),
+    top1 = {"train_top1": correct / max(seen, 1)} if classified else {}  # only for class logits and labels
+    return dict(epoch=state.epoch + 1, train_loss=loss_sum / max(seen, 1), **top1,
                 **{f"train_{k}": v / max(seen, 1) for k, v in part_sums.items()},
                 lr=loop.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started)
 
