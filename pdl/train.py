@@ -51,6 +51,7 @@ class TrainConfig:
     channels_last: bool = True
     grad_clip: float | None = None
     num_workers: int = 0
+    rmsprop_alpha: float = 0.9   # RMSProp's squared-gradient decay (TensorFlow's default 0.9; the thesis' DWD 0.995)
 
     OPTIMIZERS = ("sgd", "adamw", "adam", "rmsprop")
     SCHEDULES = ("cosine", "constant")
@@ -69,6 +70,7 @@ class TrainConfig:
             (self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "max_steps_per_epoch must be >= 1"),
             (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0"),
             (self.num_workers >= 0, "num_workers must be >= 0"),
+            (0 < self.rmsprop_alpha < 1, "rmsprop_alpha must be in (0, 1)"),
         ]
         return [message for ok, message in checks if not ok]
 
@@ -114,6 +116,7 @@ def make_loader(data: Dataset | DataLoader, batch_size: int, shuffle: bool, seed
 class Callback:
     """Hooks into `fit`. Override what you need; `state` is the live `FitState`."""
     def on_fit_start(self, state: "FitState") -> None: ...
+    def on_before_step(self, state: "FitState") -> None: ...   # gradients computed (and unscaled), step not taken
     def on_batch_end(self, state: "FitState") -> None: ...
     def on_epoch_end(self, state: "FitState") -> None: ...
     def on_fit_end(self, state: "FitState") -> None: ...
@@ -147,15 +150,20 @@ class FitState:
     stop: bool = False
 
 # %% ../notebooks/lib/20_train.ipynb #7fdddc6a
-def _optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+def _optimizer(params: Iterable[nn.Parameter] | Iterable[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = list(params)
+    if params and isinstance(params[0], dict):   # parameter groups, e.g. no weight decay on norms and biases
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+        params = [g for g in params if g["params"]]
+    else:
+        params = [p for p in params if p.requires_grad]
     if not params:
         raise PdlError("nothing to train: no parameter requires a gradient", "pass params= or unfreeze the model")
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                nesterov=cfg.momentum > 0)
     if cfg.optimizer == "rmsprop":  # the Deep Watershed Detector's optimiser (TensorFlow's default decay 0.9)
-        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.9, momentum=cfg.momentum,
+        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rmsprop_alpha, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -233,11 +241,12 @@ def _split_loss(out: Any) -> tuple[torch.Tensor, dict[str, float]]:
     return out, {}
 
 # %% ../notebooks/lib/20_train.ipynb #bdd94607
-def _train_step(model: nn.Module, loop: _Loop, cfg: TrainConfig, batch, desc: str, where: str):
+def _train_step(model: nn.Module, loop: _Loop, cfg: TrainConfig, batch, desc: str, where: str,
+                before_step: Callable[[], None] | None = None):
     """One optimiser step on `batch`; returns `(loss, logits, targets, parts)`. `desc` and `where` name the step
-    in errors."""
+    in errors; `before_step()` runs between backward and the step, on unscaled gradients."""
     inputs, targets = loop.batch_fn(batch, loop.device)
-    if loop.on_cuda and cfg.channels_last and inputs.dim() == 4:
+    if loop.on_cuda and cfg.channels_last and isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     with torch.autocast(loop.device.type, enabled=loop.on_cuda and cfg.amp):
         logits = model(inputs)
@@ -247,8 +256,11 @@ def _train_step(model: nn.Module, loop: _Loop, cfg: TrainConfig, batch, desc: st
                        "lower the learning rate, enable grad_clip, or check the inputs for NaN/inf")
     loop.optimizer.zero_grad(set_to_none=True)
     loop.scaler.scale(loss).backward()
-    if cfg.grad_clip:
+    if cfg.grad_clip or before_step:
         loop.scaler.unscale_(loop.optimizer)
+    if before_step:
+        before_step()
+    if cfg.grad_clip:
         nn.utils.clip_grad_norm_([p for g in loop.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
     loop.scaler.step(loop.optimizer)
     loop.scaler.update()
@@ -261,11 +273,13 @@ def _train_epoch(model: nn.Module, loop: _Loop, state: FitState, bar, callbacks:
     started = time.perf_counter()
     model.train()
     loss_sum, correct, seen, part_sums, classified = 0.0, 0, 0, {}, False
+    hooked = [cb for cb in callbacks if type(cb).on_before_step is not Callback.on_before_step]
+    before_step = (lambda: [cb.on_before_step(state) for cb in hooked]) if hooked else None
     for i, batch in enumerate(loop.loader):
         if i >= loop.steps_per_epoch:
             break
         where = f"at epoch {state.epoch}, step {i}"
-        loss, logits, targets, parts = _train_step(model, loop, state.cfg, batch, desc, where)
+        loss, logits, targets, parts = _train_step(model, loop, state.cfg, batch, desc, where, before_step)
         n = _batch_len(targets)
         loss_sum += loss.item() * n
         seen += n
