@@ -2,7 +2,7 @@
 
 Commands run in a copy of the project (so nothing they write lands in the checkout), with the data packages and
 caches of the checkout. Where a command runs a chapter at a larger profile it runs at `smoke`; a generation of
-many pages makes two; `<run-id>` stands for the run made by the command before. Three commands cannot run inside
+many pages or pieces makes two; `<run-id>` stands for the run made by the command before. Three commands cannot run inside
 the test suite and are checked with `make -n` instead (the target exists and does what the docs say): `make test`
 and `make test-fast` (CI runs the first, and this file is part of both) and `make book` (about half an hour;
 `tests/test_book.py` builds a tiny book through the same `pdl book`)."""
@@ -66,6 +66,7 @@ def adapted(command: str, state: dict) -> str:
     """The command as the test runs it (see the module docstring)."""
     command = re.sub(r"--profile (cpu|gpu)", "--profile smoke", command)
     command = re.sub(r"--pages \d+", "--pages 2", command)
+    command = re.sub(r"--pieces \d+", "--pieces 2", command)
     return command.replace("<run-id>", state.get("run_id", "<run-id>"))
 
 
