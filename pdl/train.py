@@ -273,7 +273,8 @@ def _train_epoch(model: nn.Module, loop: _Loop, state: FitState, bar, callbacks:
     started = time.perf_counter()
     model.train()
     loss_sum, correct, seen, part_sums, classified = 0.0, 0, 0, {}, False
-    hooked = [cb for cb in callbacks if type(cb).on_before_step is not Callback.on_before_step]
+    hooked = [cb for cb in callbacks  # callbacks need not subclass Callback: only the hooks they define are called
+              if getattr(type(cb), "on_before_step", Callback.on_before_step) is not Callback.on_before_step]
     before_step = (lambda: [cb.on_before_step(state) for cb in hooked]) if hooked else None
     for i, batch in enumerate(loop.loader):
         if i >= loop.steps_per_epoch:
