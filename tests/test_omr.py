@@ -118,13 +118,16 @@ def test_interrupted_generation_resumes(dataset, tmp_path):
     copy = tmp_path / "c"
     shutil.copytree(out, copy)
     records = sorted((copy / "work" / "pieces").glob("*.json"))
-    lost = records[-1]                             # as if the run had stopped before this piece finished
+    # with two workers a piece beyond the last one needed may have been engraved too (it was in flight when the
+    # last needed page arrived): lose a piece whose page is in the dataset, as if the run had stopped before it
+    used = [r for r in records if json.loads(r.read_text()).get("pages")]
+    lost = used[0]
     lost.unlink()
     for split in ("train", "test"):
         (copy / f"deepscores_{split}.json").unlink()
     report = E.generate(copy, pages=3, seed=7, workers=2, pages_per_piece=1, collections=COLLECTIONS,
                         test_fraction=0.3, show_progress=False)
-    assert report.engraved == 1 and report.reused == len(records) - 1
+    assert lost.exists() and report.engraved >= 1 and report.reused >= len(used) - 1
     for split in ("train", "test"):
         assert (copy / f"deepscores_{split}.json").read_bytes() == (out / f"deepscores_{split}.json").read_bytes()
     with pytest.raises(PdlError, match="other settings"):
