@@ -2,6 +2,7 @@
 import functools
 import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -140,16 +141,31 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         result_path(type("Task", (), {"key": "../x"})(), tmp_path)
 
 
+RAY_CHILD = r"""
+import json, sys
+from test_sweep import Square, square
+from pdl.sweep import read_results, run_tasks
+tasks = [Square(n) for n in range(4)]
+first = run_tasks(tasks, square, sys.argv[1], backend="ray", workers=2)
+again = run_tasks(tasks, square, sys.argv[1], backend="ray", workers=2)
+print(json.dumps({"backend": first.backend, "squares": [r["square"] for r in read_results(tasks, sys.argv[1])],
+                  "retrained": again.trained}))
+"""
+
+
 @pytest.mark.slow
-def test_ray_backend_in_local_mode(tmp_path, monkeypatch):
+def test_ray_backend_in_local_mode(tmp_path):
+    """In a child process: a local Ray instance starts threads and processes that must not share the test process
+    with everything the other tests imported (a Ray failure there would take the whole test run down)."""
     pytest.importorskip("ray")
     # Ray workers import `square` from this file: let the local Ray instance they are started by see it
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
-    tasks = [Square(n) for n in range(4)]
-    summary = run_tasks(tasks, square, tmp_path, backend="ray", workers=2)
-    assert summary.backend in ("ray", "process")     # a local Ray that cannot start falls back to processes
-    assert [r["square"] for r in read_results(tasks, tmp_path)] == [0, 1, 4, 9]
-    assert run_tasks(tasks, square, tmp_path, backend="ray", workers=2).trained == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.run([sys.executable, "-c", RAY_CHILD, str(tmp_path)], capture_output=True, text=True, env=env,
+                           timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    report = json.loads(child.stdout.strip().splitlines()[-1])
+    assert report["backend"] in ("ray", "process")     # a local Ray that cannot start falls back to processes
+    assert report["squares"] == [0, 1, 4, 9] and report["retrained"] == 0
 
 
 @pytest.mark.parametrize("threads", [1, 2])      # 1: forked workers, 2: spawned workers (see pdl.sweep.worker_start_method)
