@@ -25,7 +25,7 @@ log = get_logger("train")
 
 # %% auto #0
 __all__ = ['log', 'TrainConfig', 'BatchFn', 'default_batch_fn', 'make_loader', 'Callback', 'History', 'FitState', 'fit',
-           'predict', 'evaluate', 'evaluate_loss', 'save_checkpoint', 'load_checkpoint', 'overfit_batch',
+           'predict', 'evaluate', 'evaluate_loss', 'TimeLimit', 'save_checkpoint', 'load_checkpoint', 'overfit_batch',
            'gradcheck_module']
 
 # %% ../notebooks/lib/20_train.ipynb #c8ee3af7
@@ -295,6 +295,8 @@ def _train_epoch(model: nn.Module, loop: _Loop, state: FitState, bar, callbacks:
         bar.set_postfix(epoch=state.epoch + 1, loss=f"{state.loss:.3f}")
         for cb in callbacks:
             cb.on_batch_end(state)
+        if state.stop:  # a callback may end training within an epoch (e.g. TimeLimit)
+            break
     top1 = {"train_top1": correct / max(seen, 1)} if classified else {}  # only for class logits and labels
     return dict(epoch=state.epoch + 1, train_loss=loss_sum / max(seen, 1), **top1,
                 **{f"train_{k}": v / max(seen, 1) for k, v in part_sums.items()},
@@ -393,6 +395,24 @@ def evaluate_loss(model: nn.Module, data: Dataset | DataLoader, loss_fn: Callabl
     if not seen:
         raise PdlError("the evaluation data is empty", "check the dataset options")
     return dict(**{k: v / seen for k, v in sums.items()}, n=seen)
+
+# %% ../notebooks/lib/20_train.ipynb #c8a82eb5
+class TimeLimit(Callback):
+    """Stop `fit` after the step that ends `seconds` (wall clock, > 0) or more after `fit` started; `stopped` tells
+    whether the limit ended the run, `steps` how many steps it allowed."""
+
+    def __init__(self, seconds: float):
+        if not seconds > 0:
+            raise PdlError(f"TimeLimit needs a positive number of seconds, got {seconds!r}", "pass seconds > 0")
+        self.seconds, self.started, self.stopped, self.steps = float(seconds), 0.0, False, 0
+
+    def on_fit_start(self, state: FitState) -> None:
+        self.started, self.stopped, self.steps = time.perf_counter(), False, 0
+
+    def on_batch_end(self, state: FitState) -> None:
+        self.steps += 1
+        if time.perf_counter() - self.started >= self.seconds:
+            state.stop = self.stopped = True
 
 # %% ../notebooks/lib/20_train.ipynb #f06c14b3
 def save_checkpoint(path: str | Path, model: nn.Module, **extra) -> Path:

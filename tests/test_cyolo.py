@@ -22,9 +22,9 @@ TINY = CYOLOConfig(image_size=64, stem=4, widths=(4, 8, 8, 8), head=8, audio_cha
                    hidden=8, zdim=8)
 
 
-def _batch(page, frames):
+def _batch(page, frames, spec=None):
     frames = torch.as_tensor(frames)
-    return collate_queries([{"page": page.image, "spec": page.spec, "frames": frames,
+    return collate_queries([{"page": page.image, "spec": page.spec if spec is None else spec, "frames": frames,
                              "boxes": torch.from_numpy(page.target_at(frames.numpy()))}])
 
 
@@ -77,6 +77,38 @@ def test_gradients_reach_the_audio_encoder():
     loss.backward()
     for name in ("audio.lstm.weight_ih_l0", "audio.code.0.weight", "audio.z.0.weight"):
         assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
+
+
+def test_trained_box_follows_the_audio_not_the_frame_count():
+    """After training on one toy page, the most confident box (what the evaluation reads, not the loss) must sit
+    nearer the targets with the page's own audio than with its frames shuffled, and nearer than one fixed box."""
+    torch.manual_seed(0)
+    page = toy_page(TINY, frames=100)
+    frames = np.arange(5, 100, 5)
+    inputs, targets = _batch(page, frames)
+    model, loss_fn = CYOLO(TINY), YoloLoss(TINY)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        loss, _ = loss_fn(model(inputs), targets)
+        opt.zero_grad(); loss.backward(); opt.step()
+    truth = page.target_at(frames)[:, 0]
+    shuffled = page.spec[torch.randperm(len(page.spec), generator=torch.Generator().manual_seed(0))]
+    error = lambda spec: float(np.abs(model.predict(_batch(page, frames, spec)[0])[:, 0].numpy() - truth).mean())
+    assert error(page.spec) < 0.5 * error(shuffled)
+    assert error(page.spec) < 0.5 * float(np.abs(truth - np.median(truth)).mean())
+
+
+def test_objectness_weighting():
+    raw = torch.zeros(2, 3, 8, 8, 5)
+    raw[..., 4] = -2.0                                                  # unconfident everywhere
+    boxes = {"boxes": torch.tensor([[30.0, 20, 6, 14], [12.0, 40, 6, 20]])}
+    plain = YoloLoss(TINY)(raw, boxes)[0]
+    test_close = lambda a, b: np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+    test_close(YoloLoss(TINY, obj_pos_weight=1.0, iou_ratio=1.0)(raw, boxes)[0], plain)   # the published loss
+    assert YoloLoss(TINY, obj_pos_weight=20.0)(raw, boxes)[1]["obj"] > YoloLoss(TINY)(raw, boxes)[1]["obj"]
+    assert YoloLoss(TINY, iou_ratio=0.0)(raw, boxes)[1]["obj"] > YoloLoss(TINY)(raw, boxes)[1]["obj"]
+    with pytest.raises(PdlError, match="obj_pos_weight"):
+        YoloLoss(TINY, obj_pos_weight=0.0)
 
 
 def test_bad_input():

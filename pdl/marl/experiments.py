@@ -20,17 +20,18 @@ from .rail import LEVELS, THRESHOLDS, Curriculum, RailVec
 from ..stats import percentile_interval
 
 # %% auto #0
-__all__ = ['KINDS', 'MarlTask', 'run_negotiation', 'run_rail', 'run_task', 'bootstrap_mean', 'bootstrap_difference',
-           'mutual_information', 'mutual_information_corrected', 'agent_samples', 'dialogue_summary', 'dialogue_table']
+__all__ = ['KINDS', 'MarlTask', 'run_negotiation', 'run_rail', 'run_flatland', 'run_task', 'bootstrap_mean',
+           'bootstrap_difference', 'mutual_information', 'mutual_information_corrected', 'agent_samples',
+           'dialogue_summary', 'dialogue_table']
 
 # %% ../../notebooks/lib/83_marl.experiments.ipynb #20c982fb
-KINDS = ("negotiation", "rail")
+KINDS = ("negotiation", "rail", "flatland")
 
 
 @dataclass(frozen=True)
 class MarlTask:
-    """One training run. `kind`: 'negotiation' or 'rail'; `condition`: the communication ('none', 'tokens',
-    'noise') or the percepts ('every_step', 'switches'); `curriculum` (rail only); `seed`; `a2c` and `env`:
+    """One training run. `kind`: 'negotiation', 'rail' or 'flatland'; `condition`: the communication ('none',
+    'tokens', 'noise') or the percepts ('every_step', 'switches'); `curriculum` (rail only); `seed`; `a2c` and `env`:
     keyword arguments of `A2CConfig` and of the environment's config; `eval_episodes`; `root`: folder for the
     run's checkpoint."""
     kind: str
@@ -59,6 +60,12 @@ class MarlTask:
         return f"{self.name}-s{self.seed}-{digest}"
 
 
+def _seed(seed: int) -> None:
+    # small MLPs on the CPU compute deterministically anyway; torch's deterministic switch would import its
+    # compiler stack, seconds in every worker process
+    seed_everything(seed, deterministic=False)
+
+
 def _compact(history: list[dict], metric: str) -> list[dict]:
     keep = ("update", "episodes", metric, "mean_return", "entropy", "level")
     return [{k: h[k] for k in keep if k in h} for h in history]
@@ -73,7 +80,7 @@ def run_negotiation(task: MarlTask) -> dict:
     cfg = NegotiationConfig(communication=task.condition, **task.env)
     a2c = A2CConfig(seed=task.seed, **task.a2c)
     env = NegotiationVec(cfg)
-    seed_everything(task.seed)
+    _seed(task.seed)
     policy, history = train(lambda h: env, a2c, Path(task.root) / task.key, desc=task.key)
     out = {"history": _compact(history, "success"), "eval": _lists(evaluate(env, policy, task.eval_episodes))}
     if task.condition == "tokens":
@@ -89,16 +96,31 @@ def run_rail(task: MarlTask) -> dict:
     hardest = RailVec(levels[-1].replace(percepts=task.condition))
     env_for = (Curriculum(levels, THRESHOLDS, updates=a2c.updates, percepts=task.condition) if task.curriculum
                else lambda h: hardest)
-    seed_everything(task.seed)
+    _seed(task.seed)
     policy, history = train(env_for, a2c, Path(task.root) / task.key, desc=task.key)
     return {"history": _compact(history, "arrived"),
             "eval": _lists(evaluate(hardest, policy, task.eval_episodes)),
             "eval_greedy": _lists(evaluate(hardest, policy, task.eval_episodes, greedy=True))}
 
 
+def run_flatland(task: MarlTask) -> dict:
+    """Train on a pool of Flatland maps and evaluate on unseen maps; returns a JSON-serialisable dict."""
+    from pdl.marl.flatland import FlatlandConfig, FlatlandVec
+    settings = dict(task.env)
+    maps = int(settings.pop("maps", 32))
+    cfg = FlatlandConfig(percepts=task.condition, **settings)
+    a2c = A2CConfig(seed=task.seed, metric="arrived", **task.a2c)
+    env, unseen = FlatlandVec(cfg, maps=maps, map_seed=0), FlatlandVec(cfg, maps=maps, map_seed=1)
+    _seed(task.seed)
+    policy, history = train(lambda h: env, a2c, Path(task.root) / task.key, desc=task.key)
+    return {"history": _compact(history, "arrived"),
+            "eval": _lists(evaluate(unseen, policy, task.eval_episodes, batch_size=64)),
+            "eval_greedy": _lists(evaluate(unseen, policy, task.eval_episodes, greedy=True, batch_size=64))}
+
+
 def run_task(task: MarlTask) -> dict:
     """Run one `MarlTask` (the function to hand to `pdl.sweep.run_tasks`)."""
-    return run_negotiation(task) if task.kind == "negotiation" else run_rail(task)
+    return {"negotiation": run_negotiation, "rail": run_rail, "flatland": run_flatland}[task.kind](task)
 
 # %% ../../notebooks/lib/83_marl.experiments.ipynb #7b3274ea
 def _resampled_means(groups: list[np.ndarray], n_boot: int, rng: np.random.Generator) -> np.ndarray:

@@ -26,13 +26,15 @@ WINDOW = 6            # cells ahead a train sees
 @dataclass(frozen=True)
 class RailConfig:
     """One rail level: `n_trains` (>= 1) trains on `n_tracks` (2..3) tracks of `length` (>= 4) cells, crossovers
-    with probability `switch_prob` per gap and track pair, departures in `[0, departure_window)`, and `percepts`
-    'every_step' or 'switches'."""
+    with probability `switch_prob` per gap and track pair, departures in `[0, departure_window)`, `slack` (>= 0)
+    steps that a train may lose against its undisturbed journey before it is late, and `percepts` 'every_step' or
+    'switches'."""
     n_trains: int = 4
     length: int = 12
     n_tracks: int = 2
     switch_prob: float = 0.3
     departure_window: int = 6
+    slack: int = 13
     percepts: str = "switches"
 
     def __post_init__(self):
@@ -47,6 +49,8 @@ class RailConfig:
             problems.append(f"switch_prob={self.switch_prob}: a probability in [0, 1]")
         if self.departure_window < 1:
             problems.append(f"departure_window={self.departure_window}: must be >= 1")
+        if self.slack < 0:
+            problems.append(f"slack={self.slack}: must be >= 0 (0 = no delay allowed)")
         if self.percepts not in PERCEPTS:
             problems.append(f"percepts={self.percepts!r}: choose one of {PERCEPTS}")
         if problems:
@@ -57,7 +61,8 @@ class RailConfig:
 
     @property
     def deadline(self) -> int:
-        return 2 * self.length + self.departure_window
+        """The step at which every episode ends: the latest possible train deadline has passed."""
+        return self.departure_window + self.length - 1 + self.slack
 
 # %% ../../notebooks/lib/82_marl.rail.ipynb #3707ef30
 class RailVec:
@@ -74,6 +79,11 @@ class RailVec:
     @property
     def max_steps(self) -> int:
         return self.cfg.deadline
+
+    @property
+    def due(self) -> np.ndarray:
+        """(n, N) each train's deadline: the last step at which its arrival counts."""
+        return self.depart + self.cfg.length - 1 + self.cfg.slack
 
     def reset(self, n: int, rng: np.random.Generator):
         """Draw `n` networks and timetables; returns `(obs, mask, acting)`."""
@@ -150,7 +160,8 @@ class RailVec:
         obs[..., :MAX_TRACKS] = np.eye(MAX_TRACKS, dtype=np.float32)[ego_row]
         progress = np.where(self.dir > 0, self.col, c.length - 1 - self.col) / (c.length - 1)
         obs[..., 3] = progress
-        obs[..., 4] = (self.t / c.deadline)[:, None]
+        remaining = np.where(self.dir > 0, c.length - 1 - self.col, self.col)
+        obs[..., 4] = np.clip((self.due - self.t[:, None] - remaining) / c.length, -1, 1)   # spare time
         obs[..., 5] = self.state == 0
         obs[..., 6] = self.state == 1
         left, right = self._here()
@@ -246,7 +257,7 @@ class RailVec:
         arrive = (self.state == 1) & (self.col == end)
         self.state[arrive] = 2
         self.arrival[arrive] = np.broadcast_to(self.t[:, None] + 1, arrive.shape)[arrive]
-        reward = arrive.astype(np.float32)
+        reward = (arrive & (self.arrival <= self.due)).astype(np.float32)
         self.t += ~self.done
         self._depart()
         self.done |= (self.state == 2).all(1) | (self.t >= self.cfg.deadline)
@@ -254,8 +265,10 @@ class RailVec:
         return obs, mask, acting, reward, self.done.copy()
 
     def stats(self) -> dict:
-        """Per-episode `arrived` (share of trains that arrived), `decisions` (train-decisions asked) and `steps`."""
-        return {"arrived": (self.state == 2).mean(1), "decisions": self.decisions.copy(), "steps": self.t.copy()}
+        """Per-episode `arrived` (share of trains that arrived in time), `decisions` (train-decisions asked) and
+        `steps`."""
+        on_time = (self.state == 2) & (self.arrival <= self.due)
+        return {"arrived": on_time.mean(1), "decisions": self.decisions.copy(), "steps": self.t.copy()}
 
 # %% ../../notebooks/lib/82_marl.rail.ipynb #774a7c0e
 def run_fixed(env: RailVec, rng: np.random.Generator, n: int, policy: str = "forward") -> dict:
@@ -272,8 +285,10 @@ def run_fixed(env: RailVec, rng: np.random.Generator, n: int, policy: str = "for
     return env.stats()
 
 # %% ../../notebooks/lib/82_marl.rail.ipynb #4763378e
-LEVELS = (RailConfig(n_trains=2, length=8), RailConfig(n_trains=3, length=10), RailConfig(n_trains=4, length=12),
-          RailConfig(n_trains=5, length=14), RailConfig(n_trains=6, length=16))
+_TIGHT = dict(n_tracks=3, switch_prob=0.12, departure_window=6, slack=4)
+LEVELS = (RailConfig(n_trains=2, length=12, **_TIGHT), RailConfig(n_trains=4, length=16, **_TIGHT),
+          RailConfig(n_trains=6, length=20, **_TIGHT), RailConfig(n_trains=8, length=24, **_TIGHT),
+          RailConfig(n_trains=10, length=28, **_TIGHT))
 THRESHOLDS = (0.70, 0.70, 0.75, 0.70, 0.60)
 
 

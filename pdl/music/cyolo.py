@@ -349,11 +349,15 @@ def box_iou_xywh(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-9) -> torch.T
 
 class YoloLoss:
     """`loss(raw, targets)` -> `(loss, {"box", "obj", "iou"})` for raw predictions `(N, A, G, G, 5)` and
-    `targets = {"boxes": (N, 4)}` (pixels). `box_weight` 0.1 as published; `iou` is the mean IoU of the
-    responsible cells' boxes (a diagnostic, not optimised)."""
+    `targets = {"boxes": (N, 4)}` (pixels). `box_weight` 0.1 as published; `obj_pos_weight`: weight of the
+    responsible cells' objectness cross-entropy (published 1); `iou_ratio`: their objectness target is
+    `1 - iou_ratio + iou_ratio * IoU` (published 1: the IoU); `iou` is the mean IoU of the responsible cells' boxes
+    (a diagnostic, not optimised)."""
 
-    def __init__(self, cfg: CYOLOConfig, box_weight: float = 0.1):
-        self.cfg, self.box_weight = cfg, box_weight
+    def __init__(self, cfg: CYOLOConfig, box_weight: float = 0.1, obj_pos_weight: float = 1.0, iou_ratio: float = 1.0):
+        if obj_pos_weight <= 0 or not 0 <= iou_ratio <= 1:
+            raise PdlError(f"obj_pos_weight must be > 0 and iou_ratio in [0, 1], got {obj_pos_weight}, {iou_ratio}")
+        self.cfg, self.box_weight, self.obj_pos_weight, self.iou_ratio = cfg, box_weight, obj_pos_weight, iou_ratio
 
     def __call__(self, raw: torch.Tensor, targets: dict) -> tuple[torch.Tensor, dict]:
         raw = raw.float()
@@ -367,9 +371,10 @@ class YoloLoss:
         pred = torch.cat([chosen[:, :2].sigmoid() * 2 - 0.5, (chosen[:, 2:4].sigmoid() * 2) ** 2 * anchors], 1)
         iou = box_iou_xywh(pred, target)
         box = ((pred - target) ** 2).mean() if len(query) else raw.sum() * 0
-        tobj = torch.zeros_like(raw[..., 4])
-        tobj[query, anchor, gy, gx] = iou.detach().clamp(0).to(tobj.dtype)
-        obj = F.binary_cross_entropy_with_logits(raw[..., 4], tobj)
+        tobj, weight = torch.zeros_like(raw[..., 4]), torch.ones_like(raw[..., 4])
+        tobj[query, anchor, gy, gx] = (1 - self.iou_ratio + self.iou_ratio * iou.detach().clamp(0)).to(tobj.dtype)
+        weight[query, anchor, gy, gx] = self.obj_pos_weight
+        obj = F.binary_cross_entropy_with_logits(raw[..., 4], tobj, weight=weight)
         loss = self.box_weight * box + obj
         return loss, {"box": box.detach(), "obj": obj.detach(), "iou": iou.mean().detach() if len(query) else box * 0}
 
@@ -457,14 +462,15 @@ def _shift_image(image: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
 
 class QueryPages(torch.utils.data.Dataset):
     """Pages as training items: item `i` is page `i % len(pages)` queried at `queries` random frames.
-    `repeats` lists every page that many times per epoch."""
+    `repeats` lists every page that many times per epoch; `left_pad`: up to this many silent frames before the
+    audio (random per item)."""
 
     def __init__(self, pages: Sequence[FollowPage], queries: int = 8, shift: int = 0, repeats: int = 1,
-                 spec_fn=None, seed: int = 0, fixed: bool = False):
+                 spec_fn=None, seed: int = 0, fixed: bool = False, left_pad: int = 0):
         if not pages:
             raise PdlError("no pages to train on", "generate data first (pdl.music.msmd)")
         self.pages, self.queries, self.shift, self.repeats, self.spec_fn = list(pages), queries, shift, repeats, spec_fn
-        self.seed, self.fixed = seed, fixed
+        self.seed, self.fixed, self.left_pad = seed, fixed, left_pad
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
@@ -476,6 +482,9 @@ class QueryPages(torch.utils.data.Dataset):
         spec = self.spec_fn(page, rng) if self.spec_fn is not None else page.spec
         frames = np.sort(rng.integers(page.first_frame, len(spec), self.queries))
         boxes = torch.from_numpy(page.target_at(frames).copy())
+        if self.left_pad:
+            pad = int(rng.integers(0, self.left_pad + 1))
+            spec, frames = torch.cat([spec.new_zeros(pad, spec.shape[1]), spec]), frames + pad
         image = page.image
         if self.shift:
             dx, dy = (int(v) for v in rng.integers(-self.shift, self.shift + 1, 2))
@@ -495,11 +504,11 @@ def collate_queries(items: Sequence[dict]) -> tuple[dict, dict]:
 
 
 def query_loader(pages: Sequence[FollowPage], pages_per_batch: int, queries: int = 8, *, shift: int = 0,
-                 repeats: int = 1, spec_fn=None, shuffle: bool = True, seed: int = 0,
-                 fixed: bool = False) -> torch.utils.data.DataLoader:
+                 repeats: int = 1, spec_fn=None, shuffle: bool = True, seed: int = 0, fixed: bool = False,
+                 left_pad: int = 0) -> torch.utils.data.DataLoader:
     """A DataLoader of `collate_queries` batches of `pages_per_batch` pages x `queries` frames (see `QueryPages`);
     `fixed`: the same frames (and augmentations) every epoch (for validation)."""
-    data = QueryPages(pages, queries, shift, repeats, spec_fn, seed, fixed)
+    data = QueryPages(pages, queries, shift, repeats, spec_fn, seed, fixed, left_pad)
     return torch.utils.data.DataLoader(data, batch_size=pages_per_batch, shuffle=shuffle, collate_fn=collate_queries,
                                        generator=torch.Generator().manual_seed(seed))
 
@@ -532,19 +541,20 @@ class Best:
 
 
 def train_cyolo(model: CYOLO, train_pages: Sequence[FollowPage], cfg, *, val_pages: Sequence[FollowPage] = (),
-                queries: int = 8, shift: int = 0, repeats: int = 1, spec_fn=None, device=None, desc: str = "cyolo",
-                callbacks: Sequence = ()):
+                queries: int = 8, shift: int = 0, repeats: int = 1, spec_fn=None, left_pad: int = 0,
+                loss_options: dict | None = None, device=None, desc: str = "cyolo", callbacks: Sequence = ()):
     """Train `model` with `pdl.train.fit` (`cfg`: a `TrainConfig`; its `batch_size` counts pages per batch, each
-    queried at `queries` frames). Validation (if `val_pages`) uses fixed frames. Returns `(history, best_epoch)`;
-    the model ends with the weights of its best validation epoch."""
+    queried at `queries` frames; `shift`, `left_pad`, `spec_fn`: augmentations, see `QueryPages`; `loss_options`:
+    keyword arguments of `YoloLoss`). Validation (if `val_pages`) uses fixed frames. Returns `(history,
+    best_epoch)`; the model ends with the weights of its best validation epoch."""
     from pdl.train import fit
     train = query_loader(train_pages, cfg.batch_size, queries, shift=shift, repeats=repeats, spec_fn=spec_fn,
-                         seed=cfg.seed)
+                         seed=cfg.seed, left_pad=left_pad)
     val = query_loader(val_pages, cfg.batch_size, queries, seed=cfg.seed + 1, shuffle=False, fixed=True) \
         if val_pages else None
     best = Best()
     history = fit(model, train, cfg.replace(channels_last=False), val_data=val, device=device,
-                  loss_fn=YoloLoss(model.cfg), batch_fn=to_device, callbacks=[best, *callbacks], desc=desc)
+                  loss_fn=YoloLoss(model.cfg, **(loss_options or {})), batch_fn=to_device, callbacks=[best, *callbacks], desc=desc)
     return history, best.epoch
 
 # %% ../../notebooks/lib/72_music.cyolo.ipynb #8de5d34b

@@ -23,16 +23,18 @@ from ..core import PdlError, get_logger
 from ..models.core import create_model
 from .classes import DS_CLASSES, DS_ID
 from .format import DeepScores
+from .oriented import aligned_corners, angle_vector, obb_params, orient_sums, oriented_from_sums
 from ..train import Callback, TrainConfig, fit, load_checkpoint, save_checkpoint
 
 log = get_logger("dwd")
 
 # %% auto #0
-__all__ = ['log', 'ENERGY_LEVELS', 'NUM_CLASS_CHANNELS', 'DEFAULT_IGNORE', 'LOSS_MODES', 'STAGES', 'DETECTION_COLUMNS',
-           'DWDConfig', 'staff_interline', 'estimate_interline', 'Page', 'page_boxes', 'prepare_page', 'load_pages',
-           'read_page_image', 'make_targets', 'DWDNet', 'to_input', 'energy_loss', 'class_weights', 'class_loss',
-           'size_loss', 'DWDLoss', 'crop_page', 'CropDataset', 'fixed_crops', 'per_class_losses', 'PerClassLoss',
-           'train_dwd', 'components', 'decode', 'maps_from_targets', 'save_detector', 'load_detector']
+__all__ = ['log', 'ENERGY_LEVELS', 'NUM_CLASS_CHANNELS', 'DEFAULT_IGNORE', 'OBB_COLUMNS', 'LOSS_MODES', 'LOSS_PARTS', 'STAGES',
+           'DETECTION_COLUMNS', 'ORIENTED_COLUMNS', 'DWDConfig', 'staff_interline', 'estimate_interline', 'Page',
+           'page_boxes', 'prepare_page', 'load_pages', 'read_page_image', 'make_targets', 'DWDNet', 'to_input',
+           'energy_loss', 'class_weights', 'class_loss', 'size_loss', 'DWDLoss', 'crop_page', 'PageCrops',
+           'CropDataset', 'fixed_crops', 'per_class_losses', 'PerClassLoss', 'train_dwd', 'components', 'decode',
+           'maps_from_targets', 'orient_from_targets', 'save_detector', 'load_detector']
 
 # %% ../../notebooks/lib/50_omr.dwd.ipynb #c9a07468
 ENERGY_LEVELS = 20               # quantised energy levels, 0 = background (published code: MAX_ENERGY = 20)
@@ -49,7 +51,8 @@ class DWDConfig:
     `output_stride`: 1 or 2 (maps at full or half input resolution); `interline`: staff-line spacing in input pixels
     that pages are rescaled to (thesis: 10 at half resolution); `marker_fraction`: energy cone size relative to the
     box; `marker_radius`: radius of the class/size markers in interlines; `cuts`: energy levels of the
-    post-processing; `min_pixels`: smallest kept component at the thesis' resolution (scaled, see `min_component`)."""
+    post-processing; `min_pixels`: smallest kept component at the thesis' resolution (scaled, see `min_component`);
+    `oriented`: also predict each symbol's oriented box (angle and oriented size maps, see `pdl.omr.oriented`)."""
     arch: str = "resnet18"
     width_mult: float = 0.25
     stages: int = 3
@@ -62,6 +65,7 @@ class DWDConfig:
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     cuts: tuple[int, ...] = (7, 1)
     min_pixels: int = 8
+    oriented: bool = False
 
     def __post_init__(self):
         checks = [(1 <= self.stages <= 4, "stages must be 1..4"), (self.output_stride in (1, 2), "output_stride must be 1 or 2"),
@@ -133,32 +137,41 @@ def estimate_interline(image: np.ndarray, columns: int = 200) -> float:
 @dataclasses.dataclass
 class Page:
     """A page ready for the detector: `image` `(H, W)` uint8 (255 = paper) at `scale` x the original size,
-    `boxes` `(N, 4)` float32 x0, y0, x1, y1 in `image` pixels, `classes` `(N,)` int64 DeepScoresV2 ids, `name`."""
+    `boxes` `(N, 4)` float32 x0, y0, x1, y1 in `image` pixels, `classes` `(N,)` int64 DeepScoresV2 ids, `name`,
+    `oriented` `(N, 8)` float32 corners x0, y0, ..., x3, y3 of the same boxes' `o_bbox` in `image` pixels (or None)."""
     image: np.ndarray
     boxes: np.ndarray
     classes: np.ndarray
     scale: float
     name: str = ""
     img_id: int = 0
+    oriented: np.ndarray | None = None
+
+
+OBB_COLUMNS = [f"o{i}" for i in range(8)]
 
 
 def page_boxes(ds: DeepScores, index: int) -> pd.DataFrame:
     """The annotations of image `index` as a DataFrame: `cat_id` (int DeepScoresV2 id), `name`, `x0, y0, x1, y1`
-    (original pixels); annotations without a deepscores id are skipped."""
+    (`a_bbox`) and `o0..o7` (`o_bbox` corners x0, y0, ..., x3, y3; the aligned box's corners where an annotation has
+    none), original pixels; annotations without a deepscores id are skipped."""
     rows = []
     for a in ds.image_annotations(index):
         cat = a["cat_id"][0] if isinstance(a["cat_id"], list) else a["cat_id"]
         if cat is None or str(cat) not in ds.categories:
             continue
-        rows.append((int(cat), ds.class_name(cat), *map(float, a["a_bbox"])))
-    return pd.DataFrame(rows, columns=["cat_id", "name", "x0", "y0", "x1", "y1"])
+        aligned = [float(v) for v in a["a_bbox"]]
+        obb = a.get("o_bbox") or []
+        obb = [float(v) for v in obb] if len(obb) == 8 else aligned_corners(aligned)[0].tolist()
+        rows.append((int(cat), ds.class_name(cat), *aligned, *obb))
+    return pd.DataFrame(rows, columns=["cat_id", "name", "x0", "y0", "x1", "y1", *OBB_COLUMNS])
 
 
 def prepare_page(image: np.ndarray, boxes: pd.DataFrame, cfg: DWDConfig, interline: float | None = None,
                  name: str = "", img_id: int = 0) -> Page:
     """Rescale a grey page `(H, W)` uint8 so its interline becomes `cfg.interline`. The interline (original pixels)
     is `interline` if given, else read from the staff rows of `boxes`, else estimated from the image. Boxes of
-    `cfg.ignore` classes are dropped."""
+    `cfg.ignore` classes are dropped. Columns `o0..o7` of `boxes` (if present) become the page's oriented boxes."""
     if not isinstance(image, np.ndarray) or image.ndim != 2 or image.dtype != np.uint8 or min(image.shape) < 1:
         raise PdlError(f"expected a grey uint8 page (H, W), got {getattr(image, 'dtype', type(image))} "
                        f"{getattr(image, 'shape', '')}", "load pages with DeepScores.load_image or read_page_image")
@@ -167,8 +180,9 @@ def prepare_page(image: np.ndarray, boxes: pd.DataFrame, cfg: DWDConfig, interli
     size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
     scaled = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
     keep = boxes[~boxes["name"].isin(cfg.ignore)]
+    oriented = keep[OBB_COLUMNS].to_numpy(np.float32).reshape(-1, 8) * scale if set(OBB_COLUMNS) <= set(keep) else None
     return Page(scaled, keep[["x0", "y0", "x1", "y1"]].to_numpy(np.float32).reshape(-1, 4) * scale,
-                keep["cat_id"].to_numpy(np.int64), scale, name, img_id)
+                keep["cat_id"].to_numpy(np.int64), scale, name, img_id, oriented)
 
 
 def load_pages(ds: DeepScores, cfg: DWDConfig, indices: Sequence[int] | None = None) -> list[Page]:
@@ -210,31 +224,55 @@ def _energy_cones(boxes: np.ndarray, shape: tuple[int, int], cfg: DWDConfig) -> 
     return energy
 
 
-def make_targets(boxes: np.ndarray, classes: np.ndarray, shape: tuple[int, int], cfg: DWDConfig) -> dict[str, np.ndarray]:
+def _ownership(boxes: np.ndarray, energy: np.ndarray, cfg: DWDConfig):
+    """Index of the nearest box centre on every output pixel, the foreground and the marker mask, for `boxes`
+    `(N, 4)` in output pixels; None when no centre lies in the crop."""
+    out = energy.shape
+    cx = np.clip(((boxes[:, 0] + boxes[:, 2]) / 2).astype(int), -1, out[1])
+    cy = np.clip(((boxes[:, 1] + boxes[:, 3]) / 2).astype(int), -1, out[0])
+    inside = (cx >= 0) & (cx < out[1]) & (cy >= 0) & (cy < out[0])
+    if not inside.any():
+        return None
+    seeds = np.full(out, -1, np.int64)
+    seeds[cy[inside], cx[inside]] = np.flatnonzero(inside)
+    dist, (iy, ix) = ndimage.distance_transform_edt(seeds < 0, return_indices=True)
+    marker = dist <= cfg.marker_radius * cfg.interline / cfg.output_stride
+    return seeds[iy, ix], marker | (energy > 0), marker
+
+
+def _oriented_values(boxes: np.ndarray, oriented, cfg: DWDConfig) -> dict[str, np.ndarray]:
+    """Per-box `angle` and `osize` `(2, N)` targets from corners `oriented` `(N, 8)` (input pixels; the corners of
+    `boxes` `(N, 4)` when None)."""
+    corners = aligned_corners(boxes) if oriented is None else np.asarray(oriented, np.float64).reshape(-1, 8)
+    if len(corners) != len(boxes):
+        raise PdlError(f"{len(corners)} oriented boxes for {len(boxes)} boxes", "pass one o_bbox (8 numbers) per box")
+    p = obb_params(corners)
+    return dict(angle=angle_vector(p["theta"], p["length"], p["thickness"]),
+                osize=np.stack([p["length"], p["thickness"]]) / cfg.interline)
+
+
+def make_targets(boxes: np.ndarray, classes: np.ndarray, shape: tuple[int, int], cfg: DWDConfig,
+                 oriented: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Dense targets `energy`, `owner`, `marker`, `size` (see above) of an input crop of `shape` `(H, W)` input
-    pixels with `boxes` `(N, 4)` (input pixels, may reach outside) and DeepScoresV2 ids `classes` `(N,)`."""
+    pixels with `boxes` `(N, 4)` (input pixels, may reach outside) and DeepScoresV2 ids `classes` `(N,)`; with
+    `cfg.oriented` also `angle` and `osize` from the corners `oriented` `(N, 8)` (input pixels)."""
     s = cfg.output_stride
     out = (shape[0] // s, shape[1] // s)
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4) / s
-    energy = _energy_cones(boxes, out, cfg)
-    owner = np.zeros(out, np.int64)
-    marker = np.zeros(out, bool)
-    size = np.zeros((2,) + out, np.float32)
-    if len(boxes):
-        cx = np.clip(((boxes[:, 0] + boxes[:, 2]) / 2).astype(int), -1, out[1])
-        cy = np.clip(((boxes[:, 1] + boxes[:, 3]) / 2).astype(int), -1, out[0])
-        inside = (cx >= 0) & (cx < out[1]) & (cy >= 0) & (cy < out[0])
-        seeds = np.full(out, -1, np.int64)
-        seeds[cy[inside], cx[inside]] = np.flatnonzero(inside)
-        if inside.any():
-            dist, (iy, ix) = ndimage.distance_transform_edt(seeds < 0, return_indices=True)
-            nearest = seeds[iy, ix]
-            marker = dist <= cfg.marker_radius * cfg.interline / s
-            fg = marker | (energy > 0)
-            owner[fg] = classes[nearest[fg]]
-            hw = np.stack([boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]]) * s / cfg.interline
-            size[:, fg] = hw[:, nearest[fg]]
-    return dict(energy=energy, owner=owner, marker=marker, size=size)
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    energy = _energy_cones(boxes / s, out, cfg)
+    t = dict(energy=energy, owner=np.zeros(out, np.int64), marker=np.zeros(out, bool),
+             size=np.zeros((2,) + out, np.float32))
+    values = dict(size=np.stack([boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]]) / cfg.interline)
+    if cfg.oriented:
+        values.update(_oriented_values(boxes, oriented, cfg))
+        t.update(angle=np.zeros((2,) + out, np.float32), osize=np.zeros((2,) + out, np.float32))
+    own = _ownership(boxes / s, energy, cfg) if len(boxes) else None
+    if own is not None:
+        nearest, fg, t["marker"] = own
+        t["owner"][fg] = classes[nearest[fg]]
+        for key, v in values.items():
+            t[key][:, fg] = v[:, nearest[fg]]
+    return t
 
 # %% ../../notebooks/lib/50_omr.dwd.ipynb #602eeb5b
 def _conv_bn(cin: int, cout: int) -> nn.Sequential:
@@ -243,7 +281,8 @@ def _conv_bn(cin: int, cout: int) -> nn.Sequential:
 
 class DWDNet(nn.Module):
     """Deep Watershed Detector network: `(N, 1, H, W)` -> dict of `energy` `(N, E, h, w)`, `class`
-    `(N, 137, h, w)` and `size` `(N, 2, h, w)` with `h, w = H, W / cfg.output_stride`."""
+    `(N, 137, h, w)` and `size` `(N, 2, h, w)` (with `cfg.oriented` also `angle` and `osize` `(N, 2, h, w)`),
+    `h, w = H, W / cfg.output_stride`."""
 
     def __init__(self, cfg: DWDConfig | None = None):
         super().__init__()
@@ -264,6 +303,8 @@ class DWDNet(nn.Module):
         self.full = _conv_bn(c, c) if cfg.output_stride == 1 else None
         self.heads = nn.ModuleDict({"energy": nn.Conv2d(c, cfg.energy_levels, 1),
                                     "class": nn.Conv2d(c, NUM_CLASS_CHANNELS, 1), "size": nn.Conv2d(c, 2, 1)})
+        if cfg.oriented:
+            self.heads.update({"angle": nn.Conv2d(c, 2, 1), "osize": nn.Conv2d(c, 2, 1)})
 
     @staticmethod
     def _width(stage: nn.Sequential) -> int:
@@ -296,7 +337,8 @@ def to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return (255 - x.float()).div_(255).unsqueeze(1)
 
 # %% ../../notebooks/lib/50_omr.dwd.ipynb #637030df
-LOSS_MODES = ("energy", "class", "size", "combined")
+LOSS_MODES = ("energy", "class", "size", "angle", "osize", "combined")
+LOSS_PARTS = ("energy", "class", "size", "angle", "osize")
 
 
 def _per_crop(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -338,20 +380,34 @@ def size_loss(pred: torch.Tensor, size: torch.Tensor, owner: torch.Tensor) -> to
 
 
 class DWDLoss:
-    """The DWD loss for `pdl.train.fit`: `loss(outputs, targets) -> (total, parts)`; see above."""
+    """The DWD loss for `pdl.train.fit`: `loss(outputs, targets) -> (total, parts)`; see above. `weights`: 3
+    (energy, class, size) or 5 (also angle, osize) factors of the combined loss."""
 
-    def __init__(self, mode: str = "combined", weights: tuple[float, float, float] = (2.0, 1.0, 1.0), window: int = 5):
+    def __init__(self, mode: str = "combined", weights: tuple[float, ...] = (2.0, 1.0, 1.0), window: int = 5):
         if mode not in LOSS_MODES:
             raise PdlError(f"unknown DWD loss mode {mode!r}", f"choose one of {LOSS_MODES}")
-        self.mode, self.weights = mode, dict(zip(("energy", "class", "size"), weights))
+        if len(weights) not in (3, 5):
+            raise PdlError(f"DWDLoss takes 3 or 5 weights, got {len(weights)}", "(energy, class, size[, angle, osize])")
+        self.mode, self.weights = mode, dict(zip(LOSS_PARTS, (*weights, 1.0, 1.0)))
         self.history = {k: deque([1.0] * window, maxlen=window) for k in self.weights}
+
+    def _single(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.mode == "size" and "angle" in parts:        # the size stage trains every geometry head
+            return parts["size"] + parts["angle"] + parts["osize"]
+        if self.mode not in parts:
+            raise PdlError(f"loss mode {self.mode!r} needs an oriented detector and oriented targets",
+                           "build the detector and its crops with DWDConfig(oriented=True)")
+        return parts[self.mode]
 
     def __call__(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]):
         parts = dict(energy=energy_loss(outputs["energy"], targets["energy"]),
                      **{"class": class_loss(outputs["class"], targets["owner"], targets["marker"])},
                      size=size_loss(outputs["size"], targets["size"], targets["owner"]))
+        if "angle" in outputs and "angle" in targets:
+            parts.update(angle=size_loss(outputs["angle"], targets["angle"], targets["owner"]),
+                         osize=size_loss(outputs["osize"], targets["osize"], targets["owner"]))
         if self.mode != "combined":
-            return parts[self.mode], {k: v.detach() for k, v in parts.items()}
+            return self._single(parts), {k: v.detach() for k, v in parts.items()}
         if torch.is_grad_enabled():
             for k, v in parts.items():
                 self.history[k].append(float(v.detach()))
@@ -364,7 +420,8 @@ def crop_page(page: Page, x: int, y: int, crop: int, cfg: DWDConfig) -> tuple[to
     window = np.full((crop, crop), 255, np.uint8)
     part = page.image[max(y, 0):y + crop, max(x, 0):x + crop]
     window[max(-y, 0):max(-y, 0) + part.shape[0], max(-x, 0):max(-x, 0) + part.shape[1]] = part
-    t = make_targets(page.boxes - np.float32([x, y, x, y]), page.classes, (crop, crop), cfg)
+    oriented = None if page.oriented is None else page.oriented - np.float32([x, y] * 4)
+    t = make_targets(page.boxes - np.float32([x, y, x, y]), page.classes, (crop, crop), cfg, oriented)
     return to_input(window)[0], {k: torch.from_numpy(v) for k, v in t.items()}
 
 
@@ -373,23 +430,51 @@ def _random_origin(page: Page, crop: int, rng: np.random.Generator) -> tuple[int
     return int(rng.integers(0, max(w - crop, 0) + 1)), int(rng.integers(0, max(h - crop, 0) + 1))
 
 
-class CropDataset(torch.utils.data.Dataset):
-    """`length` random `crop`-pixel crops per epoch from `pages` (a new crop at every read; seeded)."""
+class PageCrops(torch.utils.data.Dataset):
+    """`length` random `crop`-pixel windows per epoch from `pages` (a new one at every read; seeded): the page and
+    the window's origin come from one generator, `transform(page, rng) -> Page` (applied to the page before the
+    crop) from another, so a seed gives the same windows with or without a transform. Subclasses turn the window
+    into a training item (`item`); read it in order, the stream is seeded."""
 
-    def __init__(self, pages: Sequence[Page], cfg: DWDConfig, crop: int = 256, length: int = 64, seed: int = 0):
+    def __init__(self, pages: Sequence[Page], crop: int, length: int, seed: int = 0, transform=None):
         if not pages:
             raise PdlError("no training pages", "generate or load at least one page with symbols")
-        if crop % cfg.multiple:
-            raise PdlError(f"crop {crop} is not a multiple of {cfg.multiple}", "choose a crop size divisible by it")
-        self.pages, self.cfg, self.crop, self.length = list(pages), cfg, crop, length
+        if transform is not None and not callable(transform):
+            raise PdlError(f"transform must be callable, got {type(transform).__name__}",
+                           "pass a function transform(page, rng) -> Page, e.g. ScoreAug(...).page")
+        self.pages, self.crop, self.length = list(pages), crop, length
         self.rng = np.random.default_rng(seed)
+        self.transform, self.transform_rng = transform, np.random.default_rng([seed, 1])
 
     def __len__(self) -> int:
         return self.length
 
+    def item(self, page: Page, x: int, y: int):
+        raise NotImplementedError
+
     def __getitem__(self, index: int):
         page = self.pages[int(self.rng.integers(len(self.pages)))]
-        return crop_page(page, *_random_origin(page, self.crop, self.rng), self.crop, self.cfg)
+        x, y = _random_origin(page, self.crop, self.rng)
+        if self.transform is not None:
+            page = self.transform(page, self.transform_rng)
+            if not isinstance(page, Page):
+                raise PdlError(f"the crop transform returned {type(page).__name__}, not a Page",
+                               "transform(page, rng) must return a pdl.omr.dwd.Page")
+        return self.item(page, x, y)
+
+
+class CropDataset(PageCrops):
+    """`PageCrops` whose items are `crop_page` windows with their dense targets."""
+
+    def __init__(self, pages: Sequence[Page], cfg: DWDConfig, crop: int = 256, length: int = 64, seed: int = 0,
+                 transform=None):
+        if crop % cfg.multiple:
+            raise PdlError(f"crop {crop} is not a multiple of {cfg.multiple}", "choose a crop size divisible by it")
+        super().__init__(pages, crop, length, seed, transform)
+        self.cfg = cfg
+
+    def item(self, page: Page, x: int, y: int):
+        return crop_page(page, x, y, self.crop, self.cfg)
 
 
 def fixed_crops(pages: Sequence[Page], cfg: DWDConfig, crop: int, count: int, seed: int = 0) -> list:
@@ -445,7 +530,7 @@ def _dict_batch(batch, device):
 
 def train_dwd(model: DWDNet, train: torch.utils.data.Dataset, cfg: TrainConfig, *, schedule: str = "combined",
               val: Sequence | None = None, per_class: Sequence | None = None, device=None,
-              weights: tuple[float, float, float] = (2.0, 1.0, 1.0)) -> tuple[pd.DataFrame, pd.DataFrame]:
+              weights: tuple[float, ...] = (2.0, 1.0, 1.0)) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train `model` on crops with `pdl.train.fit`; `cfg.epochs` in total, split over the stages when
     `schedule="staged"`. Returns `(history, per_class)`: per-epoch records of every stage, and the per-class losses
     on `per_class` crops after each epoch (empty without them)."""
@@ -467,6 +552,7 @@ def train_dwd(model: DWDNet, train: torch.utils.data.Dataset, cfg: TrainConfig, 
 
 # %% ../../notebooks/lib/50_omr.dwd.ipynb #6234318a
 DETECTION_COLUMNS = ["cat_id", "x0", "y0", "x1", "y1", "score"]
+ORIENTED_COLUMNS = [f"{a}{i}" for i in range(4) for a in ("ox", "oy")]
 
 
 def components(energy: np.ndarray, cuts: Sequence[int], min_pixels: int) -> tuple[np.ndarray, int]:
@@ -516,13 +602,16 @@ def _component_sums(labels: np.ndarray, n: int, energy: np.ndarray, classes: np.
 
 
 def decode(energy: np.ndarray, classes: np.ndarray, size: np.ndarray, cfg: DWDConfig, scale: float = 1.0,
-           offset: tuple[float, float] = (0.0, 0.0)) -> pd.DataFrame:
+           offset: tuple[float, float] = (0.0, 0.0), orient: np.ndarray | None = None,
+           osize_rule: str = "max") -> pd.DataFrame:
     """Scored boxes from argmax maps: `energy` `(h, w)` levels, `classes` `(h, w)` class ids, `size` `(2, h, w)`
     (height, width in interlines). Returns a DataFrame with `DETECTION_COLUMNS` in original page pixels
-    (`(input pixel + offset) / scale`); empty when nothing passes the cuts."""
+    (`(input pixel + offset) / scale`), plus `ORIENTED_COLUMNS` when the oriented maps `orient` `(4, h, w)` are
+    given (oriented size by `osize_rule`, "max" or "mean", see above); empty when nothing passes the cuts."""
+    columns = DETECTION_COLUMNS + (ORIENTED_COLUMNS if orient is not None else [])
     labels, n = components(energy, cfg.cuts, cfg.min_component)
     if n == 0:
-        return pd.DataFrame({c: pd.Series(dtype=float) for c in DETECTION_COLUMNS}).astype({"cat_id": int})
+        return pd.DataFrame({c: pd.Series(dtype=float) for c in columns}).astype({"cat_id": int})
     sums = _component_sums(labels, n, energy, classes, size)
     count = sums["count"][1:]
     s = cfg.output_stride
@@ -533,13 +622,22 @@ def decode(energy: np.ndarray, classes: np.ndarray, size: np.ndarray, cfg: DWDCo
     w = np.maximum(sums["size"][1, 1:] * cfg.interline, 1.0)
     score = sums["energy"][1:] / count / (cfg.energy_levels - 1)
     ox, oy = offset
-    return pd.DataFrame(dict(cat_id=votes.argmax(1), x0=(cx - w / 2 + ox) / scale, y0=(cy - h / 2 + oy) / scale,
-                             x1=(cx + w / 2 + ox) / scale, y1=(cy + h / 2 + oy) / scale, score=score))
+    det = pd.DataFrame(dict(cat_id=votes.argmax(1), x0=(cx - w / 2 + ox) / scale, y0=(cy - h / 2 + oy) / scale,
+                            x1=(cx + w / 2 + ox) / scale, y1=(cy + h / 2 + oy) / scale, score=score))
+    if orient is not None:
+        obb = oriented_from_sums(orient_sums(labels, n, energy, orient), cx, cy, cfg.interline, osize_rule)
+        det[ORIENTED_COLUMNS] = (obb["corners"] + np.tile([ox, oy], 4)) / scale
+    return det
 
 
 def maps_from_targets(targets: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The argmax maps a perfect network would give for `make_targets` output (a test of the decoding)."""
     return targets["energy"], targets["owner"], targets["size"]
+
+
+def orient_from_targets(targets: dict[str, np.ndarray]) -> np.ndarray:
+    """The oriented maps `(4, h, w)` (angle vector, length, thickness) a perfect oriented network would give."""
+    return np.concatenate([targets["angle"], targets["osize"]])
 
 # %% ../../notebooks/lib/50_omr.dwd.ipynb #9e13b091
 def save_detector(path: str | Path, model: DWDNet, **extra) -> Path:

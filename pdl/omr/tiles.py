@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from ..core import PdlError, get_device
-from .dwd import DWDNet, Page, decode, page_boxes, prepare_page, to_input
+from .dwd import ORIENTED_COLUMNS, DWDNet, Page, decode, page_boxes, prepare_page, to_input
 from .format import DeepScores
 
 # %% auto #0
@@ -31,12 +31,16 @@ def _check_tiling(model: DWDNet, tile: int | None, overlap: int) -> None:
                        f"tile and overlap must be multiples of {m} with tile - 2 * overlap >= {m}")
 
 
-def _forward(model: DWDNet, window: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Argmax energy and class (uint8) and size (float16) maps of one grey window (sides multiples of the stride)."""
+def _forward(model: DWDNet, window: np.ndarray, device: torch.device) -> tuple[np.ndarray, ...]:
+    """Argmax energy and class (uint8) and size (float16) maps of one grey window (sides multiples of the stride),
+    and for an oriented detector the oriented maps `(4, h, w)` float16 (angle vector, length, thickness)."""
     with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
         out = model(to_input(window).to(device))
-    return (out["energy"][0].argmax(0).to(torch.uint8).cpu().numpy(), out["class"][0].argmax(0).to(torch.uint8).cpu().numpy(),
-            out["size"][0].to(torch.float16).cpu().numpy())
+    maps = [out["energy"][0].argmax(0).to(torch.uint8), out["class"][0].argmax(0).to(torch.uint8),
+            out["size"][0].to(torch.float16)]
+    if "angle" in out:
+        maps.append(torch.cat([out["angle"][0], out["osize"][0]]).to(torch.float16))
+    return tuple(m.cpu().numpy() for m in maps)
 
 
 def _padded(image: np.ndarray, y: int, x: int, h: int, w: int) -> np.ndarray:
@@ -48,10 +52,12 @@ def _padded(image: np.ndarray, y: int, x: int, h: int, w: int) -> np.ndarray:
 
 
 def predict_maps(model: DWDNet, image: np.ndarray, tile: int | None = 512, overlap: int = 64, device=None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 ) -> tuple[np.ndarray, ...]:
     """Stitched argmax maps of a grey page `(H, W)` uint8 at the detector's interline: energy `(h, w)` uint8,
-    class `(h, w)` uint8 (DeepScoresV2 id), size `(2, h, w)` float16, `h, w = ceil(H, W / output_stride)`.
-    `tile=None` runs the page untiled (padded to the network's multiple)."""
+    class `(h, w)` uint8 (DeepScoresV2 id), size `(2, h, w)` float16, `h, w = ceil(H, W / output_stride)`; an
+    oriented detector (`cfg.oriented`) adds a fourth, the oriented maps `(4, h, w)` float16 (angle vector `e cos 2t,
+    e sin 2t`, length, thickness in interlines). `tile=None` runs the page untiled (padded to the network's
+    multiple)."""
     if not isinstance(image, np.ndarray) or image.ndim != 2 or image.dtype != np.uint8:
         raise PdlError(f"predict_maps expects a grey uint8 page (H, W), got {getattr(image, 'shape', type(image))}")
     _check_tiling(model, tile, overlap)
@@ -59,30 +65,30 @@ def predict_maps(model: DWDNet, image: np.ndarray, tile: int | None = 512, overl
     model.eval().to(device)
     s, m = model.cfg.output_stride, model.cfg.multiple
     H, W = image.shape
-    if tile is None:
-        ph, pw = -(-H // m) * m, -(-W // m) * m
-        e, c, z = _forward(model, _padded(image, 0, 0, ph, pw), device)
-        return e[:-(-H // s), :-(-W // s)], c[:-(-H // s), :-(-W // s)], z[:, :-(-H // s), :-(-W // s)]
     h, w = -(-H // s), -(-W // s)
-    energy, classes = np.zeros((h, w), np.uint8), np.zeros((h, w), np.uint8)
-    size = np.zeros((2, h, w), np.float16)
+    if tile is None:
+        maps = _forward(model, _padded(image, 0, 0, -(-H // m) * m, -(-W // m) * m), device)
+        return tuple(np.ascontiguousarray(a[..., :h, :w]) for a in maps)
+    stitched = None
     core = tile - 2 * overlap
+    keep = np.s_[overlap // s:(overlap + core) // s]
     for y in tile_origins(H, core):
         for x in tile_origins(W, core):
-            e, c, z = _forward(model, _padded(image, y - overlap, x - overlap, tile, tile), device)
-            keep = np.s_[overlap // s:(overlap + core) // s]
+            maps = _forward(model, _padded(image, y - overlap, x - overlap, tile, tile), device)
+            if stitched is None:
+                stitched = [np.zeros(a.shape[:-2] + (h, w), a.dtype) for a in maps]
             oy, ox = y // s, x // s
             hh, ww = min(core // s, h - oy), min(core // s, w - ox)
-            energy[oy:oy + hh, ox:ox + ww] = e[keep, keep][:hh, :ww]
-            classes[oy:oy + hh, ox:ox + ww] = c[keep, keep][:hh, :ww]
-            size[:, oy:oy + hh, ox:ox + ww] = z[:, keep, keep][:, :hh, :ww]
-    return energy, classes, size
+            for full, a in zip(stitched, maps):
+                full[..., oy:oy + hh, ox:ox + ww] = a[..., keep, keep][..., :hh, :ww]
+    return tuple(stitched)
 
 # %% ../../notebooks/lib/50a_omr.tiles.ipynb #6a03cedc
 def detect_page(model: DWDNet, image: np.ndarray, interline: float | None = None, boxes: pd.DataFrame | None = None,
                 tile: int | None = 512, overlap: int = 64, device=None) -> pd.DataFrame:
-    """Scored boxes (`pdl.omr.dwd.DETECTION_COLUMNS`, page pixels) of a grey page `(H, W)` uint8. The interline
-    (page pixels) is `interline`, else read from the `staff` rows of `boxes`, else estimated from the image."""
+    """Scored boxes (`pdl.omr.dwd.DETECTION_COLUMNS`, plus `ORIENTED_COLUMNS` for an oriented detector; page
+    pixels) of a grey page `(H, W)` uint8. The interline (page pixels) is `interline`, else read from the `staff`
+    rows of `boxes`, else estimated from the image."""
     boxes = boxes if boxes is not None else pd.DataFrame(columns=["cat_id", "name", "x0", "y0", "x1", "y1"])
     page = prepare_page(image, boxes, model.cfg, interline)
     return detect_prepared(model, page, tile, overlap, device)
@@ -92,30 +98,38 @@ def detect_prepared(model: DWDNet, page: Page, tile: int | None = 512, overlap: 
     """`detect_page` for a page already at the detector's interline (`pdl.omr.dwd.Page`). A page without any ink
     (no pixel darker than mid-grey) has no symbols: an empty table, without running the network."""
     if not (page.image < 128).any():
-        return decode_empty().drop(columns="img_id")
-    energy, classes, size = predict_maps(model, page.image, tile, overlap, device)
-    return decode(energy, classes, size, model.cfg, scale=page.scale)
+        return decode_empty(model.cfg.oriented).drop(columns="img_id")
+    maps = predict_maps(model, page.image, tile, overlap, device)
+    return decode(*maps[:3], model.cfg, scale=page.scale, orient=maps[3] if len(maps) > 3 else None)
 
 
 def detect_split(model: DWDNet, ds: DeepScores, indices: Sequence[int] | None = None, tile: int | None = 512,
-                 overlap: int = 64, device=None) -> pd.DataFrame:
-    """Detections on the images `indices` (default all) of a split: `img_id, cat_id, bbox, score` plus `x0..y1`."""
+                 overlap: int = 64, device=None, oriented: bool = False) -> pd.DataFrame:
+    """Detections on the images `indices` (default all) of a split: `img_id, cat_id, bbox, score` plus `x0..y1`
+    (and `ox0..oy3` for an oriented detector); `bbox` holds the 8 oriented corners when `oriented`."""
     frames = []
     for i in range(len(ds.images)) if indices is None else indices:
         det = detect_page(model, ds.load_image(i), boxes=page_boxes(ds, i), tile=tile, overlap=overlap, device=device)
         frames.append(det.assign(img_id=int(ds.images[i]["id"])))
-    return as_proposals(pd.concat(frames, ignore_index=True) if frames else decode_empty())
+    det = pd.concat(frames, ignore_index=True) if frames else decode_empty(model.cfg.oriented)
+    return as_proposals(det, oriented=oriented)
 
 
-def decode_empty() -> pd.DataFrame:
-    """An empty detection table."""
-    return pd.DataFrame(dict(img_id=pd.Series(dtype=int), cat_id=pd.Series(dtype=int), x0=pd.Series(dtype=float),
-                             y0=pd.Series(dtype=float), x1=pd.Series(dtype=float), y1=pd.Series(dtype=float),
-                             score=pd.Series(dtype=float)))
+def decode_empty(oriented: bool = False) -> pd.DataFrame:
+    """An empty detection table (with the oriented corner columns when `oriented`)."""
+    floats = ["x0", "y0", "x1", "y1", "score"] + (ORIENTED_COLUMNS if oriented else [])
+    return pd.DataFrame(dict(img_id=pd.Series(dtype=int), cat_id=pd.Series(dtype=int),
+                             **{c: pd.Series(dtype=float) for c in floats}))[
+        ["img_id", "cat_id", "x0", "y0", "x1", "y1", "score"] + (ORIENTED_COLUMNS if oriented else [])]
 
 
-def as_proposals(det: pd.DataFrame) -> pd.DataFrame:
-    """Detections with a `bbox` column `[x0, y0, x1, y1]` as the evaluator reads them."""
+def as_proposals(det: pd.DataFrame, oriented: bool = False) -> pd.DataFrame:
+    """Detections with a `bbox` column as the evaluator reads them: `[x0, y0, x1, y1]`, or with `oriented` the
+    corners `[ox0, oy0, ..., ox3, oy3]` of an oriented detector."""
+    columns = ORIENTED_COLUMNS if oriented else ["x0", "y0", "x1", "y1"]
+    if missing := [c for c in columns if c not in det.columns]:
+        raise PdlError(f"the detections lack the columns {missing}",
+                       "oriented proposals need a detector trained with DWDConfig(oriented=True); else oriented=False")
     det = det.copy()
-    det["bbox"] = det[["x0", "y0", "x1", "y1"]].to_numpy().tolist() if len(det) else pd.Series(dtype=object)
+    det["bbox"] = det[columns].to_numpy().tolist() if len(det) else pd.Series(dtype=object)
     return det
