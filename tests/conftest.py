@@ -128,3 +128,13 @@ def pdl_cli(*args, env=None, timeout=300, **kwargs) -> subprocess.CompletedProce
     """Run the `pdl` command in a subprocess."""
     return subprocess.run(PDL + list(args), capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny networks: one torch thread (several contend on a shared machine); the count is restored afterwards."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

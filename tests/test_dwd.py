@@ -16,13 +16,7 @@ from pdl.train import save_checkpoint
 TINY = DWDConfig(stages=2, width_mult=0.125, decoder_channels=8, interline=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks: one torch thread (several oversubscribe a shared machine); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

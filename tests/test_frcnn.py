@@ -18,13 +18,7 @@ DRAWN = np.float32([[40, 50, 52, 60], [180, 100, 190, 108], [250, 200, 258, 222]
                     [300, 40, 301, 70], [121, 60, 135, 70]])   # the last one straddles a tile seam (x = 128)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster than two contending ones (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _page(scale: float = 1.0, shift: int = 0) -> Page:
