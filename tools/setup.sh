@@ -28,10 +28,14 @@ fi
 python3 tools/fetch_npm_data.py requirements/npm-data.txt "$ROOT/.pdl/vendor"
 
 # 3. Python environment from the lock file.
-[ -x .venv/bin/python ] || python3 -m venv .venv
+# A .venv that is a link belongs to another checkout (a copy made for testing shares it): installing here would
+# point that environment's `pdl` at this copy, so it is left as it is.
+[ -L .venv ] || [ -x .venv/bin/python ] || python3 -m venv .venv
 stamp=.venv/.pdl-lock-sha
 want=$(cat requirements/lock.txt requirements/pip-nodeps.txt pyproject.toml | sha256sum | cut -d' ' -f1)
-if [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
+if [ -L .venv ]; then
+  echo "setup: .venv links to $(readlink -f .venv); that checkout's set-up maintains it"
+elif [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check uv==0.13.8
   .venv/bin/uv pip sync -q --python .venv/bin/python requirements/lock.txt
   .venv/bin/uv pip install -q --python .venv/bin/python --no-deps -r requirements/pip-nodeps.txt
