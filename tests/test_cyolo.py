@@ -11,8 +11,8 @@ import torch
 
 from pdl.bench.follow import bench_main
 from pdl.core import PdlError
-from pdl.music.cyolo import (CYOLO, CYOLOConfig, FollowPage, YoloLoss, collate_queries, prepare_page, predict_frames,
-                             toy_page)
+from pdl.music.cyolo import (CYOLO, CYOLOConfig, FollowPage, ProgressTask, QueryPages, YoloLoss, collate_queries,
+                             prepare_page, predict_frames, toy_page)
 from pdl.music.follow import (OnlineFollower, PageMap, bootstrap_difference, bootstrap_ratios, oltw, oltw_boxes,
                               oltw_features, onset_errors, threshold_ratios)
 
@@ -109,6 +109,55 @@ def test_objectness_weighting():
     assert YoloLoss(TINY, iou_ratio=0.0)(raw, boxes)[1]["obj"] > YoloLoss(TINY)(raw, boxes)[1]["obj"]
     with pytest.raises(PdlError, match="obj_pos_weight"):
         YoloLoss(TINY, obj_pos_weight=0.0)
+
+
+def test_stretched_page_keeps_its_labels():
+    page = toy_page(TINY, frames=120)
+    for rate in (0.5, 0.8, 1.25, 2.0):
+        fast = page.stretched(rate)
+        assert abs(len(fast.spec) - 120 / rate) <= 1
+        np.testing.assert_allclose(fast.onset_times, page.onset_times / rate)
+        # every onset keeps its box and its progress, and the audio at the new onset frame is the onset's audio
+        np.testing.assert_array_equal(fast.target_at(fast.onset_frames), page.boxes)
+        np.testing.assert_allclose(fast.progress_at(fast.onset_frames), page.progress_at(page.onset_frames))
+        loud = fast.spec[fast.onset_frames[3] + 1].argmax()
+        assert loud == page.spec[page.onset_frames[3] + 1].argmax()
+
+
+def test_progress_loss_and_head():
+    raw = torch.zeros(2, 3, 8, 8, 5)
+    targets = {"boxes": torch.tensor([[30.0, 20, 6, 14], [12.0, 40, 6, 20]]), "progress": torch.tensor([0.25, 1.0])}
+    base = YoloLoss(TINY)(raw, targets)[0]
+    loss, parts = YoloLoss(TINY, progress_weight=2.0)((raw, torch.tensor([0.75, 1.0])), targets)
+    np.testing.assert_allclose(float(parts["progress"]), 0.125, rtol=1e-6)
+    np.testing.assert_allclose(float(loss), float(base) + 0.25, rtol=1e-6)
+    with pytest.raises(PdlError, match="targets\\['progress'\\]"):
+        YoloLoss(TINY)((raw, torch.zeros(2)), {"boxes": targets["boxes"]})
+    with pytest.raises(PdlError, match="progress_weight"):
+        YoloLoss(TINY, progress_weight=-1.0)
+
+
+def test_progress_head_reads_the_audio_at_any_tempo():
+    """Trained on stretched copies of one toy page (whose audio says which onset sounds), the auxiliary head must
+    estimate the share of onsets heard far better than the best constant, and worse with the audio shuffled."""
+    torch.manual_seed(0)
+    page = toy_page(TINY, frames=120)
+    task = ProgressTask(CYOLO(TINY))
+    data = QueryPages([page], queries=12, stretch=1.6, seed=0)
+    loss_fn = YoloLoss(TINY, progress_weight=10.0)
+    opt = torch.optim.Adam(task.parameters(), lr=1e-2)
+    for step in range(150):
+        inputs, targets = collate_queries([data[step], data[step + 1000]])
+        loss, _ = loss_fn(task(inputs), targets)
+        opt.zero_grad(); loss.backward(); opt.step()
+    task.eval()
+    inputs, targets = collate_queries([QueryPages([page], queries=40, stretch=1.6, seed=5, fixed=True)[k] for k in range(4)])
+    with torch.no_grad():
+        mse = float(((task(inputs)[1] - targets["progress"]) ** 2).mean())
+        shuffled = dict(inputs, specs=inputs["specs"][:, torch.randperm(inputs["specs"].shape[1])])
+        mse_shuffled = float(((task(shuffled)[1] - targets["progress"]) ** 2).mean())
+    constant = float(targets["progress"].var(unbiased=False))
+    assert mse < 0.3 * constant and mse < 0.5 * mse_shuffled, (mse, mse_shuffled, constant)
 
 
 def test_bad_input():

@@ -23,7 +23,7 @@ log = get_logger("music.cyolo")
 __all__ = ['log', 'CYOLOConfig', 'FiLM', 'ConvBlock', 'Bottleneck', 'space_to_depth', 'Detector', 'AudioEncoder', 'last_windows',
            'block_windows', 'CYOLO', 'init_weights', 'decode', 'best_box', 'assign_targets', 'box_iou_xywh', 'YoloLoss',
            'page_scale', 'prepare_page', 'FollowPage', 'toy_page', 'QueryPages', 'collate_queries', 'query_loader',
-           'to_device', 'Best', 'train_cyolo', 'predict_frames']
+           'to_device', 'Best', 'ProgressTask', 'train_cyolo', 'predict_frames']
 
 # %% ../../notebooks/lib/72_music.cyolo.ipynb #b25d7705
 @dataclass(frozen=True)
@@ -224,7 +224,9 @@ def block_windows(specs: torch.Tensor, blocks: int, window: int) -> torch.Tensor
 # %% ../../notebooks/lib/72_music.cyolo.ipynb #fad74d1a
 class CYOLO(nn.Module):
     """Conditional YOLO score follower (see the module docs). `forward(batch)` -> `(P*K, A, G, G, 5)` raw
-    predictions; `conditioning(specs, frames)` -> `(P*K, zdim)`; `predict(batch)` -> decoded best box per query."""
+    predictions (`forward(batch, with_state=True)` -> `(raw, state)`, the audio state `[h; x]` too, for auxiliary
+    losses); `audio_state(specs, frames)` -> `(P*K, hidden + spec_dim)`; `conditioning(specs, frames)` ->
+    `(P*K, zdim)`; `predict(batch)` -> decoded best box per query."""
 
     def __init__(self, cfg: CYOLOConfig | None = None):
         super().__init__()
@@ -233,8 +235,9 @@ class CYOLO(nn.Module):
         self.audio = AudioEncoder(self.cfg) if self.cfg.conditioned else None
         init_weights(self)
 
-    def conditioning(self, specs: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        """Conditioning vectors `(P*K, zdim)` for queries `frames` `(P, K)` on page spectrograms `(P, T, bins)`."""
+    def audio_state(self, specs: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """`[h; x]` `(P*K, hidden + spec_dim)` for queries `frames` `(P, K)` on page spectrograms `(P, T, bins)`:
+        the LSTM state after the complete blocks before each frame and the code of the last window."""
         cfg, (p, k) = self.cfg, frames.shape
         x = self.audio.encode_windows(last_windows(specs, frames, cfg.window))
         blocks = int((frames.max() + 1) // cfg.window)
@@ -245,13 +248,19 @@ class CYOLO(nn.Module):
             out, _ = self.audio.lstm(codes.view(p, blocks, -1))
             hs = torch.cat([hs[:, :1], out], 1)
         h = hs.gather(1, ((frames + 1) // cfg.window)[..., None].expand(p, k, cfg.hidden)).reshape(p * k, -1)
-        return self.audio.condition(h, x)
+        return torch.cat([h, x], -1)
 
-    def forward(self, batch: dict) -> torch.Tensor:
+    def conditioning(self, specs: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """Conditioning vectors `(P*K, zdim)` for queries `frames` `(P, K)` on page spectrograms `(P, T, bins)`."""
+        return self.audio.z(self.audio_state(specs, frames))
+
+    def forward(self, batch: dict, with_state: bool = False):
         _check_batch(batch, self.cfg)
         pages, frames = batch["pages"], batch["frames"]
-        z = self.conditioning(batch["specs"], frames) if self.cfg.conditioned else None
-        return self.detector.detect(self.detector.page_features(pages), z, repeats=frames.shape[1])
+        state = self.audio_state(batch["specs"], frames) if self.cfg.conditioned else None
+        z = self.audio.z(state) if state is not None else None
+        raw = self.detector.detect(self.detector.page_features(pages), z, repeats=frames.shape[1])
+        return (raw, state) if with_state else raw
 
     @torch.no_grad()
     def predict(self, batch: dict) -> torch.Tensor:
@@ -352,14 +361,25 @@ class YoloLoss:
     `targets = {"boxes": (N, 4)}` (pixels). `box_weight` 0.1 as published; `obj_pos_weight`: weight of the
     responsible cells' objectness cross-entropy (published 1); `iou_ratio`: their objectness target is
     `1 - iou_ratio + iou_ratio * IoU` (published 1: the IoU); `iou` is the mean IoU of the responsible cells' boxes
-    (a diagnostic, not optimised)."""
+    (a diagnostic, not optimised). Given `(raw, progress)` (a `ProgressTask`'s output, progress `(N,)` in [0, 1])
+    and `targets["progress"]`, `progress_weight` times their mean squared error is added (part "progress")."""
 
-    def __init__(self, cfg: CYOLOConfig, box_weight: float = 0.1, obj_pos_weight: float = 1.0, iou_ratio: float = 1.0):
-        if obj_pos_weight <= 0 or not 0 <= iou_ratio <= 1:
-            raise PdlError(f"obj_pos_weight must be > 0 and iou_ratio in [0, 1], got {obj_pos_weight}, {iou_ratio}")
+    def __init__(self, cfg: CYOLOConfig, box_weight: float = 0.1, obj_pos_weight: float = 1.0, iou_ratio: float = 1.0,
+                 progress_weight: float = 0.0):
+        if obj_pos_weight <= 0 or not 0 <= iou_ratio <= 1 or progress_weight < 0:
+            raise PdlError(f"obj_pos_weight must be > 0, iou_ratio in [0, 1] and progress_weight >= 0, got "
+                           f"{obj_pos_weight}, {iou_ratio}, {progress_weight}")
         self.cfg, self.box_weight, self.obj_pos_weight, self.iou_ratio = cfg, box_weight, obj_pos_weight, iou_ratio
+        self.progress_weight = progress_weight
 
-    def __call__(self, raw: torch.Tensor, targets: dict) -> tuple[torch.Tensor, dict]:
+    def __call__(self, raw, targets: dict) -> tuple[torch.Tensor, dict]:
+        if isinstance(raw, tuple):
+            raw, progress = raw
+            loss, parts = self(raw, targets)
+            if "progress" not in targets:
+                raise PdlError("a progress prediction needs targets['progress']", "build batches with collate_queries")
+            aux = F.mse_loss(progress.float(), targets["progress"].float())
+            return loss + self.progress_weight * aux, {**parts, "progress": aux.detach()}
         raw = raw.float()
         boxes = targets["boxes"] if isinstance(targets, dict) else targets
         if boxes.dim() != 2 or boxes.shape != (raw.shape[0], 4):
@@ -433,6 +453,24 @@ class FollowPage:
         """`(len(frames), 4)` target boxes (the first onset's box before the first onset)."""
         return self.boxes[np.maximum(self.target_index(frames), 0)]
 
+    def progress_at(self, frames: np.ndarray) -> np.ndarray:
+        """The share of the page's onsets heard by each frame, `(len(frames),)` float32 in [0, 1]."""
+        return ((self.target_index(frames) + 1) / len(self.onset_frames)).astype(np.float32)
+
+    def stretched(self, rate: float) -> "FollowPage":
+        """The page played `rate` times as fast (rate 2: half the frames): the spectrogram resampled along time
+        (linear interpolation between frames, pitch unchanged), onset frames and times divided by `rate`."""
+        if not rate > 0:
+            raise PdlError(f"a stretch rate must be > 0, got {rate}", "use e.g. 0.5 (slower) .. 2 (faster)")
+        t = len(self.spec)
+        src = np.minimum(np.arange(max(1, round(t / rate))) * rate, t - 1)
+        lo = np.floor(src).astype(np.int64)
+        hi = np.minimum(lo + 1, t - 1)
+        w = torch.from_numpy((src - lo).astype(np.float32))[:, None]
+        spec = self.spec[lo] * (1 - w) + self.spec[hi] * w
+        return dataclasses.replace(self, spec=spec, onset_frames=np.round(self.onset_frames / rate),
+                                   onset_times=self.onset_times / rate, meta={**self.meta, "stretch": rate})
+
 # %% ../../notebooks/lib/72_music.cyolo.ipynb #40ec0f00
 def toy_page(cfg: CYOLOConfig, frames: int = 120, seed: int = 0) -> FollowPage:
     """A toy page (for examples and tests): a random image whose onsets every 10 frames walk along two systems; the
@@ -463,14 +501,17 @@ def _shift_image(image: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
 class QueryPages(torch.utils.data.Dataset):
     """Pages as training items: item `i` is page `i % len(pages)` queried at `queries` random frames.
     `repeats` lists every page that many times per epoch; `left_pad`: up to this many silent frames before the
-    audio (random per item)."""
+    audio (random per item); `stretch`: the largest time-stretch factor (1: none)."""
 
     def __init__(self, pages: Sequence[FollowPage], queries: int = 8, shift: int = 0, repeats: int = 1,
-                 spec_fn=None, seed: int = 0, fixed: bool = False, left_pad: int = 0):
+                 spec_fn=None, seed: int = 0, fixed: bool = False, left_pad: int = 0, stretch: float = 1.0):
         if not pages:
             raise PdlError("no pages to train on", "generate data first (pdl.music.msmd)")
+        if not stretch >= 1:
+            raise PdlError(f"stretch is the largest tempo factor and must be >= 1, got {stretch}",
+                           "1 (no stretching) or e.g. 2 (rates 0.5 .. 2)")
         self.pages, self.queries, self.shift, self.repeats, self.spec_fn = list(pages), queries, shift, repeats, spec_fn
-        self.seed, self.fixed, self.left_pad = seed, fixed, left_pad
+        self.seed, self.fixed, self.left_pad, self.stretch = seed, fixed, left_pad, stretch
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
@@ -479,9 +520,13 @@ class QueryPages(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         page = self.pages[i % len(self.pages)]
         rng = np.random.default_rng([self.seed, i]) if self.fixed else self.rng
-        spec = self.spec_fn(page, rng) if self.spec_fn is not None else page.spec
+        if self.spec_fn is not None:
+            page = dataclasses.replace(page, spec=self.spec_fn(page, rng))
+        if self.stretch > 1:
+            page = page.stretched(float(np.exp(rng.uniform(-np.log(self.stretch), np.log(self.stretch)))))
+        spec = page.spec
         frames = np.sort(rng.integers(page.first_frame, len(spec), self.queries))
-        boxes = torch.from_numpy(page.target_at(frames).copy())
+        boxes, progress = torch.from_numpy(page.target_at(frames).copy()), torch.from_numpy(page.progress_at(frames))
         if self.left_pad:
             pad = int(rng.integers(0, self.left_pad + 1))
             spec, frames = torch.cat([spec.new_zeros(pad, spec.shape[1]), spec]), frames + pad
@@ -491,24 +536,28 @@ class QueryPages(torch.utils.data.Dataset):
             image = _shift_image(image, dx, dy)
             boxes[:, 0] += dx
             boxes[:, 1] += dy
-        return {"page": image, "spec": spec, "frames": torch.from_numpy(frames), "boxes": boxes}
+        return {"page": image, "spec": spec, "frames": torch.from_numpy(frames), "boxes": boxes, "progress": progress}
 
 
 def collate_queries(items: Sequence[dict]) -> tuple[dict, dict]:
-    """Stack `QueryPages` items into `({"pages", "specs", "frames"}, {"boxes"})` (spectrograms zero-padded)."""
+    """Stack `QueryPages` items into `({"pages", "specs", "frames"}, {"boxes", "progress"})` (spectrograms
+    zero-padded; "progress" only if every item has it)."""
     length = max(item["spec"].shape[0] for item in items)
     specs = torch.stack([F.pad(item["spec"], (0, 0, 0, length - item["spec"].shape[0])) for item in items])
     batch = {"pages": torch.stack([item["page"] for item in items]), "specs": specs,
              "frames": torch.stack([item["frames"] for item in items])}
-    return batch, {"boxes": torch.cat([item["boxes"] for item in items])}
+    targets = {"boxes": torch.cat([item["boxes"] for item in items])}
+    if all("progress" in item for item in items):
+        targets["progress"] = torch.cat([item["progress"] for item in items])
+    return batch, targets
 
 
 def query_loader(pages: Sequence[FollowPage], pages_per_batch: int, queries: int = 8, *, shift: int = 0,
                  repeats: int = 1, spec_fn=None, shuffle: bool = True, seed: int = 0, fixed: bool = False,
-                 left_pad: int = 0) -> torch.utils.data.DataLoader:
+                 left_pad: int = 0, stretch: float = 1.0) -> torch.utils.data.DataLoader:
     """A DataLoader of `collate_queries` batches of `pages_per_batch` pages x `queries` frames (see `QueryPages`);
     `fixed`: the same frames (and augmentations) every epoch (for validation)."""
-    data = QueryPages(pages, queries, shift, repeats, spec_fn, seed, fixed, left_pad)
+    data = QueryPages(pages, queries, shift, repeats, spec_fn, seed, fixed, left_pad, stretch)
     return torch.utils.data.DataLoader(data, batch_size=pages_per_batch, shuffle=shuffle, collate_fn=collate_queries,
                                        generator=torch.Generator().manual_seed(seed))
 
@@ -540,21 +589,43 @@ class Best:
             state.model.load_state_dict(self.state)
 
 
+class ProgressTask(nn.Module):
+    """Training wrapper: `forward(batch)` -> `(raw, progress)`, the CYOLO's raw predictions and, from its audio
+    state `[h; x]`, a linear head's estimate `(P*K,)` (sigmoid) of the share of the page's onsets heard so far. The
+    head is dropped after training; the wrapped model is trained in place."""
+
+    def __init__(self, model: CYOLO):
+        super().__init__()
+        if not model.cfg.conditioned:
+            raise PdlError("the progress head reads the audio state; an unconditioned model has none",
+                           "train the floor with progress_weight=0")
+        self.model = model
+        self.head = nn.Linear(model.cfg.hidden + model.cfg.spec_dim, 1)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        raw, state = self.model(batch, with_state=True)
+        return raw, torch.sigmoid(self.head(state))[:, 0]
+
+
 def train_cyolo(model: CYOLO, train_pages: Sequence[FollowPage], cfg, *, val_pages: Sequence[FollowPage] = (),
                 queries: int = 8, shift: int = 0, repeats: int = 1, spec_fn=None, left_pad: int = 0,
-                loss_options: dict | None = None, device=None, desc: str = "cyolo", callbacks: Sequence = ()):
+                stretch: float = 1.0, loss_options: dict | None = None, device=None, desc: str = "cyolo",
+                callbacks: Sequence = ()):
     """Train `model` with `pdl.train.fit` (`cfg`: a `TrainConfig`; its `batch_size` counts pages per batch, each
-    queried at `queries` frames; `shift`, `left_pad`, `spec_fn`: augmentations, see `QueryPages`; `loss_options`:
-    keyword arguments of `YoloLoss`). Validation (if `val_pages`) uses fixed frames. Returns `(history,
-    best_epoch)`; the model ends with the weights of its best validation epoch."""
+    queried at `queries` frames; `shift`, `left_pad`, `stretch`, `spec_fn`: augmentations, see `QueryPages`;
+    `loss_options`: keyword arguments of `YoloLoss`; a `progress_weight > 0` among them trains through
+    `ProgressTask`). Validation (if `val_pages`) uses fixed frames. Returns `(history, best_epoch)`; the model ends
+    with the weights of its best validation epoch."""
     from pdl.train import fit
+    loss_fn = YoloLoss(model.cfg, **(loss_options or {}))
     train = query_loader(train_pages, cfg.batch_size, queries, shift=shift, repeats=repeats, spec_fn=spec_fn,
-                         seed=cfg.seed, left_pad=left_pad)
+                         seed=cfg.seed, left_pad=left_pad, stretch=stretch)
     val = query_loader(val_pages, cfg.batch_size, queries, seed=cfg.seed + 1, shuffle=False, fixed=True) \
         if val_pages else None
+    task = ProgressTask(model) if loss_fn.progress_weight > 0 else model
     best = Best()
-    history = fit(model, train, cfg.replace(channels_last=False), val_data=val, device=device,
-                  loss_fn=YoloLoss(model.cfg, **(loss_options or {})), batch_fn=to_device, callbacks=[best, *callbacks], desc=desc)
+    history = fit(task, train, cfg.replace(channels_last=False), val_data=val, device=device, loss_fn=loss_fn,
+                  batch_fn=to_device, callbacks=[best, *callbacks], desc=desc)
     return history, best.epoch
 
 # %% ../../notebooks/lib/72_music.cyolo.ipynb #8de5d34b
