@@ -29,10 +29,10 @@ check: setup
 	$(VENV)/python tools/check.py
 
 test-notebooks:
-	PDL_PROGRESS=0 $(VENV)/nbdev_test --n_workers 1 --do_print --timing
+	PDL_PROGRESS=0 $(VENV)/nbdev_test --n_workers 2 --do_print --timing
 
 test-pytest:
-	PDL_PROGRESS=0 $(VENV)/python -m pytest -q -p no:cacheprovider
+	PDL_PROGRESS=0 $(VENV)/python -m pytest -q -p no:cacheprovider --durations=15
 
 clean-notebooks:
 	$(VENV)/nbdev_clean
