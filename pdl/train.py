@@ -24,9 +24,9 @@ from .core import PdlError, atomic_path, get_device, get_logger, progress_enable
 log = get_logger("train")
 
 # %% auto #0
-__all__ = ['log', 'TrainConfig', 'BatchFn', 'default_batch_fn', 'make_loader', 'Callback', 'History', 'FitState', 'fit',
-           'predict', 'evaluate', 'evaluate_loss', 'TimeLimit', 'save_checkpoint', 'load_checkpoint', 'overfit_batch',
-           'gradcheck_module']
+__all__ = ['log', 'TrainConfig', 'BatchFn', 'default_batch_fn', 'make_loader', 'Callback', 'History', 'FitState', 'decay_groups',
+           'fit', 'predict', 'evaluate', 'evaluate_loss', 'TimeLimit', 'save_checkpoint', 'load_checkpoint',
+           'overfit_batch', 'gradcheck_module']
 
 # %% ../notebooks/lib/20_train.ipynb #c8ee3af7
 @dataclass(frozen=True)
@@ -168,6 +168,16 @@ def _optimizer(params: Iterable[nn.Parameter] | Iterable[dict], cfg: TrainConfig
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+# %% ../notebooks/lib/20_train.ipynb #c2ccc6ae
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two parameter groups of `model`'s trainable parameters: `weight_decay` on tensors of 2 or more dimensions,
+    0 on 1-dimensional ones (biases, normalisation parameters)."""
+    decay, exempt = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() > 1 else exempt).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
 
 # %% ../notebooks/lib/20_train.ipynb #ef3e9481
 def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:

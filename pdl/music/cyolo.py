@@ -616,7 +616,7 @@ def train_cyolo(model: CYOLO, train_pages: Sequence[FollowPage], cfg, *, val_pag
     `loss_options`: keyword arguments of `YoloLoss`; a `progress_weight > 0` among them trains through
     `ProgressTask`). Validation (if `val_pages`) uses fixed frames. Returns `(history, best_epoch)`; the model ends
     with the weights of its best validation epoch."""
-    from pdl.train import fit
+    from pdl.train import decay_groups, fit
     loss_fn = YoloLoss(model.cfg, **(loss_options or {}))
     train = query_loader(train_pages, cfg.batch_size, queries, shift=shift, repeats=repeats, spec_fn=spec_fn,
                          seed=cfg.seed, left_pad=left_pad, stretch=stretch)
@@ -625,7 +625,8 @@ def train_cyolo(model: CYOLO, train_pages: Sequence[FollowPage], cfg, *, val_pag
     task = ProgressTask(model) if loss_fn.progress_weight > 0 else model
     best = Best()
     history = fit(task, train, cfg.replace(channels_last=False), val_data=val, device=device, loss_fn=loss_fn,
-                  batch_fn=to_device, callbacks=[best, *callbacks], desc=desc)
+                  batch_fn=to_device, params=decay_groups(task, cfg.weight_decay), callbacks=[best, *callbacks],
+                  desc=desc)
     return history, best.epoch
 
 # %% ../../notebooks/lib/72_music.cyolo.ipynb #8de5d34b
